@@ -1,0 +1,202 @@
+"""Chat template, readers for every format, errors for bad input, truncation, batching."""
+
+import pytest
+import torch
+
+import data
+
+SYS, USER, ASSISTANT = "system", "user", "assistant"
+
+
+def test_chat_mask_of_a_two_turn_conversation_with_system(enc):
+    chat = data.Chat(enc)
+    ids, mask = chat.render([
+        {"role": SYS, "content": "Be kind."}, {"role": USER, "content": "Hi"},
+        {"role": ASSISTANT, "content": "Hello!"}, {"role": USER, "content": "What is 2 + 2?"},
+        {"role": ASSISTANT, "content": "2 + 2 = 4."}])
+    S, E, NL = 1534, 1535, 10  # <|im_start|>, <|im_end|>, "\n"
+    expected = [
+        (S, 0), (335, 0), (NL, 0), (482, 0), (540, 0), (46, 0), (E, 0), (NL, 0),  # system
+        (S, 0), (274, 0), (NL, 0), (72, 0), (105, 0), (E, 0), (NL, 0),  # user: H i
+        (S, 0), (268, 0), (NL, 0),  # <|im_start|>assistant\n
+        (72, 1), (311, 1), (111, 1), (33, 1), (E, 1), (NL, 0),  # H ell o ! <|im_end|>
+        (S, 0), (274, 0), (NL, 0),  # <|im_start|>user\n
+        (316, 0), (281, 0), (32, 0), (50, 0), (375, 0), (32, 0), (50, 0), (63, 0), (E, 0),
+        (NL, 0), (S, 0), (268, 0), (NL, 0),
+        (50, 1), (375, 1), (32, 1), (50, 1), (336, 1), (32, 1), (52, 1), (46, 1), (E, 1),
+        (NL, 0)]
+    assert list(zip(ids, mask)) == expected
+    assert enc.decode([i for i, m in expected if m]) == "Hello!<|im_end|>2 + 2 = 4.<|im_end|>"
+
+
+def test_prompt_plus_response_equals_full_render(enc):
+    chat = data.Chat(enc)
+    prompt = [{"role": USER, "content": "Hi"}]
+    reply = [{"role": ASSISTANT, "content": "Hello there"}]
+    ids, mask = chat.render(prompt + reply)
+    r_ids, r_mask = chat.render_response(reply)
+    assert chat.render_prompt(prompt) + r_ids + chat.newline == ids
+    assert [0] * len(chat.render_prompt(prompt)) + r_mask + [0] == mask
+
+
+SFT_FORMATS = {
+    "messages": {"messages": [{"role": "user", "content": "Q"},
+                              {"role": "assistant", "content": "A"}]},
+    "minimind": {"conversations": [{"role": "user", "content": "Q"},
+                                   {"role": "assistant", "content": "A"}]},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Q"},
+                                   {"from": "gpt", "value": "A"}]},
+    "alpaca": {"instruction": "Q", "input": "", "output": "A"},
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(SFT_FORMATS))
+@pytest.mark.parametrize("ext", ["jsonl", "json"])
+def test_every_sft_format(fmt, ext, write_file, enc):
+    path = write_file(f"sft.{ext}", [SFT_FORMATS[fmt]] * 3)
+    ds = data.SFTDataset(path, enc)
+    assert len(ds) == 3
+    expected = data.Chat(enc).render([{"role": USER, "content": "Q"},
+                                      {"role": ASSISTANT, "content": "A"}])
+    assert ds[0] == expected
+
+
+def test_alpaca_input_joins_the_instruction():
+    msgs = data.sft_messages({"instruction": "Translate", "input": "chat", "output": "cat"}, "x")
+    assert msgs[0] == {"role": "user", "content": "Translate\n\nchat"}
+
+
+PREF_FORMATS = {
+    "standard": {"prompt": "Q", "chosen": "good", "rejected": "bad"},
+    "conversational": {"prompt": [{"role": "user", "content": "Q"}],
+                       "chosen": [{"role": "assistant", "content": "good"}],
+                       "rejected": [{"role": "assistant", "content": "bad"}]},
+    "implicit": {"chosen": [{"role": "user", "content": "Q"},
+                            {"role": "assistant", "content": "good"}],
+                 "rejected": [{"role": "user", "content": "Q"},
+                              {"role": "assistant", "content": "bad"}]},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Q"}],
+                 "chosen": {"from": "gpt", "value": "good"},
+                 "rejected": {"from": "gpt", "value": "bad"}},
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(PREF_FORMATS))
+@pytest.mark.parametrize("ext", ["jsonl", "json"])
+def test_every_preference_format(fmt, ext, write_file, enc):
+    path = write_file(f"pairs.{ext}", [PREF_FORMATS[fmt]] * 2)
+    ds = data.PreferenceDataset(path, enc)
+    chat = data.Chat(enc)
+    x = ds[0]
+    assert x["prompt"] == chat.render_prompt([{"role": USER, "content": "Q"}])
+    assert enc.decode(x["chosen"]) == "good<|im_end|>"
+    assert enc.decode(x["rejected"]) == "bad<|im_end|>"
+    assert x["chosen_mask"] == [1] * len(x["chosen"])
+
+
+GOOD = '{"prompt": "Q", "chosen": "a", "rejected": "b"}\n'
+BAD_INPUTS = {
+    "invalid JSON": (GOOD + '{"prompt": "Q", "chosen": \n', 2, "invalid JSON"),
+    "missing key": (GOOD + '{"prompt": "Q", "chosen": "a"}\n', 2, "missing key 'rejected'"),
+    "wrong type": (GOOD + '{"prompt": "Q", "chosen": 5, "rejected": "b"}\n', 2,
+                   "'chosen' must be a string or a list of messages, got int"),
+    "empty content": (GOOD + '{"prompt": "Q", "chosen": "  ", "rejected": "b"}\n', 2,
+                      "'chosen' is empty"),
+    "unknown role": (GOOD + '{"prompt": [{"role": "robot", "content": "Q"}], "chosen": "a", '
+                     '"rejected": "b"}\n', 2, "unknown role 'robot'"),
+    "non-UTF-8": ((GOOD + '{"prompt": "Q\xff", "chosen": "a", "rejected": "b"}\n')
+                  .encode("latin-1"), 2, "not valid UTF-8"),
+    "BOM": (b"\xef\xbb\xbf" + GOOD.encode(), 1, "byte-order mark"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_bad_input_names_file_and_line(kind, write_file, enc):
+    content, line, words = BAD_INPUTS[kind]
+    path = write_file("bad.jsonl", content)
+    with pytest.raises(ValueError) as err:
+        data.PreferenceDataset(path, enc)
+    assert f"{path}:{line}:" in str(err.value) and words in str(err.value)
+
+
+@pytest.mark.parametrize("kind", sorted(set(BAD_INPUTS) - {"BOM"}))
+def test_skip_invalid_counts_and_reports(kind, write_file, enc):
+    content, _, _ = BAD_INPUTS[kind]
+    path = write_file("bad.jsonl", content)
+    logged = []
+    ds = data.PreferenceDataset(path, enc, skip_invalid=True, log=logged.append)
+    assert len(ds) == 1 and sum(ds.skipped.values()) == 1
+    assert "skipped 1 invalid records" in logged[0]
+
+
+def test_empty_file_is_an_error(write_file, enc):
+    for content in ["", "\n\n"]:
+        path = write_file("empty.jsonl", content)
+        with pytest.raises(ValueError, match="empty"):
+            data.SFTDataset(path, enc)
+
+
+def test_sft_bad_role_and_json_array_index(write_file, enc):
+    path = write_file("sft.json", [SFT_FORMATS["messages"],
+                                   {"messages": [{"role": "user", "content": "Q"}]}])
+    with pytest.raises(ValueError, match=r"sft\.json\[1\]: .*no assistant message"):
+        data.SFTDataset(path, enc)
+
+
+def test_truncation_worked_example():
+    assert data.truncate_pair([1, 2, 3, 4], [5, 6, 7], max_len=5, max_prompt_len=3) == \
+        ([2, 3, 4], [5, 6])
+    assert data.truncate_pair([1, 2], [5, 6, 7], max_len=10, max_prompt_len=8) == \
+        ([1, 2], [5, 6, 7])
+    assert data.truncate_pair([1, 2, 3], [5], max_len=3, max_prompt_len=3) == ([1, 2, 3], [])
+
+
+def test_pairs_truncated_dropped_and_counted(write_file, enc):
+    long_prompt = " ".join(["word"] * 50)
+    path = write_file("p.jsonl", [
+        {"prompt": "Q", "chosen": "same", "rejected": "same"},  # identical
+        {"prompt": long_prompt, "chosen": "a", "rejected": "b"},  # fills max_len
+        {"prompt": long_prompt, "chosen": " ".join(["yes"] * 40), "rejected": "no"},
+        {"prompt": "Q", "chosen": "a", "rejected": "b"}])
+    ds = data.PreferenceDataset(path, enc, max_len=30, max_prompt_len=30, log=None)
+    assert ds.dropped == {"identical chosen and rejected": 1, "no response tokens left": 2}
+    assert len(ds) == 1
+    ds = data.PreferenceDataset(path, enc, max_len=30, max_prompt_len=20, log=None)
+    assert len(ds) == 3
+    for x in ds.items[:2]:
+        assert len(x["prompt"]) == 20
+        assert len(x["prompt"]) + len(x["chosen"]) <= 30
+        assert len(x["prompt"]) + len(x["rejected"]) <= 30
+    assert ds[1]["chosen"] == data.encode_text(enc, " ".join(["yes"] * 40))[:10]
+
+
+def test_collate_pairs_pads_dynamically_and_shares_the_prompt(write_file, enc):
+    path = write_file("p.jsonl", [{"prompt": "Q one", "chosen": "a b c d", "rejected": "e"},
+                                  {"prompt": "Q", "chosen": "f", "rejected": "g h"}])
+    ds = data.PreferenceDataset(path, enc)
+    batch = data.collate_pairs([ds[0], ds[1]], ds.pad_id)
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    lengths = [len(x["prompt"]) + len(x[k]) for k in ("chosen", "rejected") for x in ds]
+    assert ids.shape == (4, max(lengths))  # (2B, T): the batch's longest, not a max length
+    assert torch.equal(ids[0, :len(ds[0]["prompt"])], ids[2, :len(ds[0]["prompt"])])
+    assert ((ids == ds.pad_id) & (mask == 1)).sum() == 0  # padding never in the mask
+    assert mask.sum().item() == sum(len(x["chosen"]) + len(x["rejected"]) for x in ds)
+
+
+def test_pad_sequences_worked_example():
+    ids, mask = data.pad_sequences([[5, 6, 7], [8]], [[0, 1, 1], [1]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert mask.tolist() == [[0, 1, 1], [1, 0, 0]]
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_epoch_batches_deterministic_disjoint_and_sharded(group):
+    lengths = [(i * 37) % 101 for i in range(1000)]
+    one = data.epoch_batches(lengths, 8, seed=1, epoch=3, group_by_length=group)
+    assert one == data.epoch_batches(lengths, 8, seed=1, epoch=3, group_by_length=group)
+    assert one != data.epoch_batches(lengths, 8, seed=1, epoch=4, group_by_length=group)
+    r0 = data.epoch_batches(lengths, 4, 1, 3, rank=0, world_size=2, group_by_length=group)
+    r1 = data.epoch_batches(lengths, 4, 1, 3, rank=1, world_size=2, group_by_length=group)
+    assert [a + b for a, b in zip(r0, r1)] == one  # 2 ranks x 4 == 1 rank x 8
+    flat = [i for b in r0 + r1 for i in b]
+    assert len(flat) == len(set(flat)) == 1000
