@@ -1,0 +1,225 @@
+"""Measure what DPO changed: judge-scored answers to held-out TinyChat prompts, win rate,
+KL from the reference, and held-out preference accuracy on any pair file.
+
+Run:  python evaluate.py --ckpt out/sft.pt --ckpt out/dpo.pt
+      python evaluate.py --ckpt out/sft.pt --ckpt out/dpo.pt --samples 4 --json out/eval.json
+      python evaluate.py --ckpt out/dpo.pt --ref out/sft.pt --pairs data/pairs_val.jsonl
+
+For each checkpoint: mean judge score overall and per skill, mean answer length
+(tokens), refusal rates on harmful and benign prompts; greedy (each model's
+mode) and sampled (--samples per prompt at --temperature). For the last
+checkpoint against the first: win rate (ties count half) and the KL of the
+policy from the reference, estimated on the policy's own samples as the mean of
+log pi(y|x) - log pi_ref(y|x), with its standard error.
+"""
+
+import argparse
+import json
+import math
+import os
+
+import torch
+from tqdm import tqdm
+
+import data
+import tasks
+from loss import concatenated_logps, sequence_logps
+from sample import eval_prompts, load_model
+
+SKILLS = tasks.SKILLS
+
+
+def generate_all(model, enc, rows, n_samples, temperature, max_new_tokens, seed, device,
+                 max_rows=64, desc="generating"):
+    """n_samples answers (token ids, <|im_end|> included when reached) to each prompt.
+
+    Prompts with the same token length are generated together in one batch (no padding
+    needed); every batch gets its own generator seeded from (seed, first prompt index),
+    so results depend on --seed only, not on batching order.
+    """
+    chat = data.Chat(enc)
+    prompts = [chat.render_prompt(r["messages"]) for r in rows]
+    by_length = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    per_batch = max(1, max_rows // n_samples)
+    out = [None] * len(rows)
+    groups = [ids[s:s + per_batch] for ids in by_length.values()
+              for s in range(0, len(ids), per_batch)]
+    for group in tqdm(groups, desc=desc, leave=False):
+        idx = torch.tensor([prompts[i] for i in group for _ in range(n_samples)],
+                           device=device)  # (G * N, T)
+        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + group[0])
+        answers = model.generate(idx, max_new_tokens, temperature, stop_id=chat.im_end,
+                                 generator=gen)
+        for j, i in enumerate(group):
+            out[i] = answers[j * n_samples:(j + 1) * n_samples]
+    return prompts, out
+
+
+def score_answers(enc, rows, answers, im_end):
+    """Judge every answer; returns a list per prompt of (score dict, n_tokens)."""
+    scored = []
+    for row, outs in zip(rows, answers):
+        scored.append([(tasks.judge(row["meta"], enc.decode([t for t in a if t != im_end])),
+                        len(a)) for a in outs])
+    return scored
+
+
+def summarize(rows, scored):
+    """Mean score overall and per skill, mean length, refusal rates."""
+    flat = [(row["meta"]["skill"], s, n) for row, ss in zip(rows, scored) for s, n in ss]
+    out = {"score": mean([s["score"] for _, s, _ in flat]),
+           "length": mean([n for _, _, n in flat]),
+           "polite": mean([s["polite"] for _, s, _ in flat])}
+    for skill in SKILLS:
+        out[f"score/{skill}"] = mean([s["score"] for k, s, _ in flat if k == skill])
+    out["refusal/harmful"] = mean([s["refused"] for k, s, _ in flat if k == "harmful"])
+    out["refusal/benign"] = mean([s["refused"] for k, s, _ in flat if k == "benign"])
+    return out
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def win_rate(scored_a, scored_b):
+    """How often b's answer scores higher than a's, sample by sample; ties count half."""
+    wins = [1.0 if sb["score"] > sa["score"] else 0.5 if sb["score"] == sa["score"] else 0.0
+            for ra, rb in zip(scored_a, scored_b) for (sa, _), (sb, _) in zip(ra, rb)]
+    return mean(wins)
+
+
+def answer_logps(model, prompts, answers, device, batch_size=64):
+    """Summed log-probs of each answer given its prompt, one list per prompt."""
+    flat = [(p, a) for p, outs in zip(prompts, answers) for a in outs]
+    values = []
+    with torch.no_grad():
+        for s in range(0, len(flat), batch_size):
+            chunk = flat[s:s + batch_size]
+            ids, mask = data.pad_sequences([p + a for p, a in chunk],
+                                           [[0] * len(p) + [1] * len(a) for p, a in chunk], 0)
+            logits = model(ids.to(device))  # (B, T, V)
+            values += sequence_logps(logits, ids.to(device), mask.to(device))[0].tolist()
+    it = iter(values)
+    return [[next(it) for _ in outs] for outs in answers]
+
+
+def kl_estimate(policy_logps, reference_logps):
+    """Mean and standard error of log pi(y|x) - log pi_ref(y|x) over the policy's samples."""
+    diffs = [p - r for ps, rs in zip(policy_logps, reference_logps) for p, r in zip(ps, rs)]
+    m = mean(diffs)
+    var = sum((d - m) ** 2 for d in diffs) / max(len(diffs) - 1, 1)
+    return m, math.sqrt(var / len(diffs))
+
+
+def pair_accuracy(model, reference, dataset, beta, device, batch_size=32):
+    """Held-out preference accuracy of the implicit reward (strict >) and mean margin."""
+    correct, margins = [], []
+    with torch.no_grad():
+        for s in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]
+            batch = data.collate_pairs(items, dataset.pad_id)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            pol, _ = concatenated_logps(model, batch)
+            ref, _ = concatenated_logps(reference, batch)
+            margin = beta * ((pol.chosen - ref.chosen) - (pol.rejected - ref.rejected))
+            correct += (margin > 0).float().tolist()
+            margins += margin.tolist()
+    return mean(correct), mean(margins)
+
+
+def print_table(title, names, results, keys):
+    print(f"\n{title}")
+    width = max(len(k) for k in keys) + 2
+    print(" " * width + "".join(f"{os.path.basename(n):>14}" for n in names))
+    for k in keys:
+        print(f"{k:<{width}}" + "".join(f"{results[n].get(k, float('nan')):>14.3f}"
+                                        for n in names))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", action="append", required=True,
+                        help="checkpoint to evaluate; repeat for several (first = baseline)")
+    parser.add_argument("--ref", default=None,
+                        help="reference for KL and pair accuracy (default: the first --ckpt)")
+    parser.add_argument("--prompts", default=os.path.join(data.DATA_DIR, "eval_prompts.jsonl"),
+                        help="held-out TinyChat prompts with their judge metadata")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use N evenly spaced prompts (all skills) for a quicker look")
+    parser.add_argument("--samples", type=int, default=4,
+                        help="sampled answers per prompt (0: greedy only)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer")
+    parser.add_argument("--pairs", default=None,
+                        help="a preference file: report held-out preference accuracy instead")
+    parser.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward")
+    parser.add_argument("--max-len", type=int, default=256, help="pair truncation (tokens)")
+    parser.add_argument("--max-prompt-len", type=int, default=128, help="prompt truncation")
+    parser.add_argument("--tokenizer", default=data.DEFAULT_TOKENIZER, help=".tiktoken file")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+
+    enc = data.load_tokenizer(args.tokenizer)
+    ref_path = args.ref or args.ckpt[0]
+    models = {p: load_model(p, args.tokenizer, args.device) for p in args.ckpt}
+    reference = models.get(ref_path) or load_model(ref_path, args.tokenizer, args.device)
+    results = {p: {} for p in args.ckpt}
+
+    if args.pairs:
+        dataset = data.PreferenceDataset(args.pairs, enc, args.max_len, args.max_prompt_len)
+        for path, model in models.items():
+            acc, margin = pair_accuracy(model, reference, dataset, args.beta, args.device)
+            results[path] = {"pairs/accuracy": acc, "pairs/margin": margin}
+        print_table(f"preference accuracy on {args.pairs} ({len(dataset)} pairs, reference "
+                    f"{ref_path}, beta {args.beta})", args.ckpt, results,
+                    ["pairs/accuracy", "pairs/margin"])
+    else:
+        rows = eval_prompts(args.prompts)
+        if args.limit:
+            rows = rows[::math.ceil(len(rows) / args.limit)]
+        chat = data.Chat(enc)
+        modes = [("greedy", 1, 0.0)]
+        if args.samples:
+            modes.append((f"sampled T={args.temperature:g}", args.samples, args.temperature))
+        scored, samples = {}, {}
+        for path, model in models.items():
+            for mode, n, temperature in modes:
+                prompts, answers = generate_all(model, enc, rows, n, temperature,
+                                                args.max_new_tokens, args.seed, args.device,
+                                                desc=f"{os.path.basename(path)} {mode}")
+                scored[path, mode] = score_answers(enc, rows, answers, chat.im_end)
+                samples[path, mode] = (prompts, answers)
+                for k, v in summarize(rows, scored[path, mode]).items():
+                    results[path][f"{mode}/{k}"] = v
+        first, last = args.ckpt[0], args.ckpt[-1]
+        for mode, _, temperature in modes:
+            if len(args.ckpt) > 1:
+                results[last][f"{mode}/win_rate_vs_first"] = win_rate(scored[first, mode],
+                                                                      scored[last, mode])
+            if temperature > 0:  # KL on the policy's own samples
+                for path, model in models.items():
+                    prompts, answers = samples[path, mode]
+                    kl, se = kl_estimate(answer_logps(model, prompts, answers, args.device),
+                                         answer_logps(reference, prompts, answers, args.device))
+                    results[path][f"{mode}/kl_vs_ref"] = kl
+                    results[path][f"{mode}/kl_stderr"] = se
+        for mode, _, _ in modes:
+            keys = [k for k in results[last] if k.startswith(mode + "/")]
+            keys = sorted(set(keys) | {k for r in results.values() for k in r
+                                       if k.startswith(mode + "/")}, key=lambda k: (
+                "/win" in k or "/kl" in k, k))
+            print_table(f"{mode} on {len(rows)} held-out prompts"
+                        + (f", {args.samples} samples each" if mode != "greedy" else "")
+                        + f"; KL reference: {ref_path}", args.ckpt, results, keys)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

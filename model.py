@@ -1,0 +1,365 @@
+"""A MiniMind-style decoder-only Transformer, its KV-cache generation, and checkpoints.
+
+Pre-norm blocks: RMSNorm (in fp32) -> grouped-query attention with rotary
+position embeddings -> residual; RMSNorm -> SwiGLU feed-forward -> residual.
+No biases, tied input/output embeddings, dropout 0 by default.
+
+    python model.py --preset minimind     prints the shape and parameter count
+
+References: RMSNorm, Zhang & Sennrich 2019 (arXiv:1910.07467); RoPE, Su et al.
+2021 (arXiv:2104.09864); GQA, Ainslie et al. 2023 (arXiv:2305.13245);
+SwiGLU, Shazeer 2020 (arXiv:2002.05202).
+"""
+
+import argparse
+import math
+import os
+import pickle
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 1536
+    dim: int = 192  # C, the model width
+    n_layers: int = 4
+    n_heads: int = 6  # H query heads
+    n_kv_heads: int = 2  # key/value heads; each serves n_heads // n_kv_heads query heads
+    ffn_dim: int = 0  # SwiGLU hidden size; 0 = MiniMind's rule (8/3 * dim, up to x64)
+    max_seq_len: int = 1024  # longest sequence RoPE tables are built for
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim ({self.dim}) must divide by n_heads ({self.n_heads}) and "
+                             f"n_heads by n_kv_heads ({self.n_kv_heads})")
+        if self.ffn_dim == 0:
+            self.ffn_dim = 64 * math.ceil(int(self.dim * 8 / 3) / 64)
+
+
+PRESETS = {
+    # CPU demo: ~1.9M parameters with the TinyChat tokenizer; SFT in minutes on 2 cores.
+    "tiny": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, max_seq_len=1024),
+    # MiniMind2-Small's shape: ~25.8M parameters with a 6400 vocabulary.
+    "minimind": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, max_seq_len=2048),
+}
+
+
+def make_config(preset="tiny", **overrides):
+    """A ModelConfig from a named preset; overrides that are None are ignored."""
+    values = dict(PRESETS[preset])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**values)
+
+
+def add_model_args(parser):
+    """Command-line flags for the model shape: --preset and one flag per ModelConfig field."""
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                        help="named model shape; the flags below override single fields")
+    for f in fields(ModelConfig):
+        if f.name == "vocab_size":
+            continue  # always taken from the tokenizer
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
+                            default=None, help=f"override {f.name} (default: from the preset)")
+
+
+def config_from_args(args, vocab_size):
+    overrides = {f.name: getattr(args, f.name) for f in fields(ModelConfig)
+                 if f.name != "vocab_size"}
+    return make_config(args.preset, vocab_size=vocab_size, **overrides)
+
+# ----------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 whatever the input dtype."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim, max_seq_len, theta):
+    """cos and sin tables, each (max_seq_len, head_dim), for rotate-half RoPE."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (D/2,)
+    angles = torch.outer(torch.arange(max_seq_len).float(), inv_freq)  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by position-dependent angles."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, D)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for generation, preallocated to max_len positions."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        head_dim = config.dim // config.n_heads
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions filled so far (advanced by the model after each forward)
+
+    def update(self, layer, k, v):
+        """Store k, v (B, Hkv, T, D) at the next positions; return all keys/values so far."""
+        T = k.shape[2]
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, Hkv, S, D)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention on F.scaled_dot_product_attention.
+
+    Padding is always on the right and padded positions are masked out of every
+    loss, so a plain causal mask suffices: a real token never attends to a pad.
+    """
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.head_dim = config.dim // config.n_heads
+        kv_dim = self.n_kv_heads * self.head_dim
+        # q, k and v projections fused into one matmul; split after.
+        self.wqkv = nn.Linear(config.dim, config.dim + 2 * kv_dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, C = x.shape
+        kv_dim = self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([C, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), S = start + T
+        repeat = self.n_heads // self.n_kv_heads
+        k = k.repeat_interleave(repeat, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(repeat, dim=1)  # (B, H, S, D)
+        if start == 0:  # no earlier positions: the usual causal mask
+            mask, causal = None, True
+        elif T == 1:  # one new token attends to everything cached
+            mask, causal = None, False
+        else:  # new tokens at positions start..start+T-1 over S keys
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 fused into one matmul."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.w13 = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, F) each
+        return self.dropout(self.w2(F.silu(gate) * up))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn = FeedForward(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, cache))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight  # tied embeddings
+        cos, sin = rope_tables(config.dim // config.n_heads, config.max_seq_len,
+                               config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # derived, not saved
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections
+            if name.endswith("wo.weight") or name.endswith("w2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, cache=None, return_hidden=False):
+        """idx (B, T) token ids -> logits (B, T, V), or the final hidden states (B, T, C)
+        with return_hidden (so a caller can apply the head to a few positions only)."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len "
+                             f"{self.config.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D)
+        x = self.dropout(self.tok_embeddings(idx))  # (B, T, C)
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm(x)  # (B, T, C)
+        return x if return_hidden else self.output(x)  # (B, T, V)
+
+    def num_params(self):
+        """Parameters, counting the tied embedding once."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 stop_id=None, generator=None):
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens with a KV cache.
+
+        temperature 0 is greedy decoding; top_k keeps the k most likely tokens; top_p
+        keeps the smallest set whose probability reaches p. A row stops at stop_id
+        (included). Returns a list of B lists of new token ids.
+        """
+        B, T = idx.shape
+        max_len = min(T + max_new_tokens, self.config.max_seq_len)
+        cache = KVCache(self.config, B, max_len, idx.device, self.tok_embeddings.weight.dtype)
+        logits = self(idx, cache=cache)[:, -1, :]  # (B, V)
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for _ in range(max_len - T):
+            next_id = sample_next(logits.float(), temperature, top_k, top_p, generator)  # (B,)
+            for b in range(B):
+                if not done[b]:
+                    out[b].append(int(next_id[b]))
+            if stop_id is not None:
+                done |= next_id == stop_id
+            if done.all() or cache.pos >= max_len:
+                break
+            logits = self(next_id[:, None], cache=cache)[:, -1, :]  # (B, V)
+        return out
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits (B, V): argmax at temperature 0, else a sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the first token past p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
+    """AdamW with weight decay on matrices (embeddings, linear weights) only, not on the
+    RMSNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+# ----------------------------------------------------------------------------
+# Checkpoints: plain tensors and primitives only, written atomically, read strictly.
+
+
+def save_checkpoint(path, model, tokenizer, train_state=None):
+    """Write {"model": fp32 state dict, "config": dict, "tokenizer": identity, ...} to path
+    via a temporary file and os.replace, so a crash never leaves a half-written file."""
+    ckpt = {"model": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
+            "config": asdict(model.config), "tokenizer": dict(tokenizer)}
+    if train_state is not None:
+        ckpt["train_state"] = train_state
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint with torch.load(weights_only=True): a file that holds any pickled
+    object other than tensors and plain values is refused."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refusing to load a checkpoint that holds pickled objects "
+                         f"other than tensors and plain values ({str(e).splitlines()[0]})"
+                         ) from None
+    for key in ("model", "config", "tokenizer"):
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            raise ValueError(f"{path}: not a minidpo checkpoint (no '{key}')")
+    return ckpt
+
+
+def check_tokenizer(ckpt, tokenizer, path=""):
+    """Refuse a checkpoint trained with another tokenizer than the data's."""
+    if ckpt["tokenizer"] != dict(tokenizer):
+        raise ValueError(f"{path}: checkpoint was trained with a different tokenizer "
+                         f"(checkpoint: {ckpt['tokenizer']}, data: {dict(tokenizer)})")
+
+
+def model_from_checkpoint(ckpt, path=""):
+    """Build the Transformer a checkpoint describes and load its weights strictly."""
+    model = Transformer(ModelConfig(**ckpt["config"]))
+    expected, found = set(model.state_dict()), set(ckpt["model"])
+    if expected != found:
+        raise ValueError(f"{path}: checkpoint does not match the model: missing keys "
+                         f"{sorted(expected - found)}, unexpected keys {sorted(found - expected)}")
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Print a model shape and its size.")
+    add_model_args(parser)
+    parser.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size")
+    args = parser.parse_args()
+    config = config_from_args(args, args.vocab_size)
+    print(config)
+    print(f"parameters: {Transformer(config).num_params():,}")
+
+
+if __name__ == "__main__":
+    main()

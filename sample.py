@@ -1,0 +1,119 @@
+"""Chat with a checkpoint, or show two checkpoints' answers side by side.
+
+Run:  python sample.py --ckpt out/sft.pt --prompt "What is 7 + 5?"
+      python sample.py --ckpt out/sft.pt                      (interactive chat)
+      python sample.py --ckpt out/sft.pt --compare out/dpo.pt  (held-out prompts, both models)
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+import data
+import tasks
+from model import check_tokenizer, load_checkpoint, model_from_checkpoint
+
+
+def reply(model, enc, messages, max_new_tokens=96, temperature=0.0, top_k=None, top_p=None,
+          num_samples=1, generator=None, device="cpu"):
+    """The assistant's next message(s) after `messages`: a list of num_samples strings."""
+    chat = data.Chat(enc)
+    prompt = torch.tensor([chat.render_prompt(messages)] * num_samples, device=device)  # (N, T)
+    outs = model.generate(prompt, max_new_tokens, temperature, top_k, top_p,
+                          stop_id=chat.im_end, generator=generator)
+    return [enc.decode([t for t in out if t != chat.im_end]) for out in outs]
+
+
+def eval_prompts(path=os.path.join(data.DATA_DIR, "eval_prompts.jsonl")):
+    """Held-out TinyChat prompts: [{"messages": [...], "meta": {...}}]."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def one_per_skill(rows, n):
+    """n prompts cycling through the skills, for a quick look."""
+    by_skill = {}
+    for row in rows:
+        by_skill.setdefault(row["meta"]["skill"], []).append(row)
+    picked = []
+    for i in range(n):
+        skill_rows = list(by_skill.values())[i % len(by_skill)]
+        picked.append(skill_rows[i // len(by_skill) % len(skill_rows)])
+    return picked
+
+
+def show_samples(model, enc, n, device):
+    """Print greedy answers to n held-out prompts with their judge scores."""
+    model.eval()
+    for row in one_per_skill(eval_prompts(), n):
+        answer = reply(model, enc, row["messages"], device=device)[0]
+        score = tasks.judge(row["meta"], answer)["score"]
+        print(f"[{row['meta']['skill']}] {row['messages'][-1]['content']}\n"
+              f"  -> {answer!r}  (judge {score:.2f})")
+
+
+def load_model(path, enc_path, device):
+    ckpt = load_checkpoint(path)
+    check_tokenizer(ckpt, data.tokenizer_identity(enc_path), path)
+    return model_from_checkpoint(ckpt, path).to(device).eval()
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Generate from a minidpo checkpoint.")
+    parser.add_argument("--ckpt", default="out/sft.pt", help="checkpoint to load")
+    parser.add_argument("--compare", default=None, help="a second checkpoint, side by side")
+    parser.add_argument("--prompt", default=None, help="one user message (else interactive, "
+                        "or held-out prompts with --compare)")
+    parser.add_argument("--system", default=None, help="optional system message")
+    parser.add_argument("--n", type=int, default=12, help="held-out prompts with --compare")
+    parser.add_argument("--tokenizer", default=data.DEFAULT_TOKENIZER, help=".tiktoken file")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="longest answer")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the top k")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args()
+
+    enc = data.load_tokenizer(args.tokenizer)
+    models = {args.ckpt: load_model(args.ckpt, args.tokenizer, args.device)}
+    if args.compare:
+        models[args.compare] = load_model(args.compare, args.tokenizer, args.device)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, device=args.device)
+
+    def answer_all(messages, meta=None):
+        for name, model in models.items():
+            gen = torch.Generator(args.device).manual_seed(args.seed)
+            text = reply(model, enc, messages, generator=gen, **options)[0]
+            score = f"  (judge {tasks.judge(meta, text)['score']:.2f})" if meta else ""
+            print(f"  {name}: {text}{score}")
+
+    prefix = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        answer_all(prefix + [{"role": "user", "content": args.prompt}])
+    elif args.compare:
+        for row in one_per_skill(eval_prompts(), args.n):
+            print(f"[{row['meta']['skill']}] {row['messages'][-1]['content']}")
+            answer_all(row["messages"], row["meta"])
+    else:
+        model, history = models[args.ckpt], list(prefix)
+        print("Chat with the model (empty line or Ctrl-D to quit).")
+        while True:
+            try:
+                text = input("you> ").strip()
+            except EOFError:
+                break
+            if not text:
+                break
+            history.append({"role": "user", "content": text})
+            gen = torch.Generator(args.device).manual_seed(args.seed)
+            answer = reply(model, enc, history, generator=gen, **options)[0]
+            history.append({"role": "assistant", "content": answer})
+            print(f"bot> {answer}")
+
+
+if __name__ == "__main__":
+    main()

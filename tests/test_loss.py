@@ -1,0 +1,138 @@
+"""The DPO loss family and sequence log-probs against formulas written out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from loss import concatenated_logps, dpo_loss, preference_metrics, sequence_logps
+from model import ModelConfig, Transformer
+
+
+def test_sequence_logps_worked_example():
+    logits = torch.tensor([[[0.0, 0.0], [0.0, math.log(3)], [5.0, -5.0]]])  # (1, 3, 2)
+    logps, n = sequence_logps(logits, torch.tensor([[0, 1, 1]]), torch.tensor([[0, 1, 1]]))
+    assert torch.allclose(logps, torch.tensor([math.log(1 / 2) + math.log(3 / 4)]))
+    assert n.tolist() == [2.0]
+
+
+def test_sequence_logps_is_a_sum_in_fp32_even_from_bf16():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 13).bfloat16()
+    labels = torch.randint(0, 13, (3, 7))
+    mask = torch.randint(0, 2, (3, 7))
+    logps, n = sequence_logps(logits, labels, mask)
+    assert logps.dtype == torch.float32
+    ref = logits.float().log_softmax(-1)[:, :-1].gather(-1, labels[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(logps, (ref * mask[:, 1:]).sum(-1), atol=1e-5)
+    assert torch.equal(n, mask[:, 1:].sum(-1).float())
+
+
+def test_padding_never_changes_a_pairs_logps():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4,
+                                    n_kv_heads=2, max_seq_len=64)).eval()
+    seqs = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12]]
+    masks = [[0, 0, 1, 1, 1], [0, 1, 1], [0, 0, 0, 1]]
+
+    def batch_logps(extra_pad, pad_id):
+        T = max(map(len, seqs)) + extra_pad
+        ids = torch.full((3, T), pad_id)
+        mask = torch.zeros(3, T, dtype=torch.long)
+        for b, (s, m) in enumerate(zip(seqs, masks)):
+            ids[b, :len(s)], mask[b, :len(m)] = torch.tensor(s), torch.tensor(m)
+        with torch.no_grad():
+            return sequence_logps(model(ids), ids, mask)[0]
+
+    base = batch_logps(0, 0)
+    for extra, pad in [(0, 49), (3, 0), (9, 17)]:
+        assert (batch_logps(extra, pad) - base).abs().max() < 1e-5
+    alone = []
+    for s, m in zip(seqs, masks):  # each sequence in a batch of its own, no padding at all
+        with torch.no_grad():
+            alone.append(sequence_logps(model(torch.tensor([s])), torch.tensor([s]),
+                                        torch.tensor([m]))[0])
+    assert (torch.cat(alone) - base).abs().max() < 1e-5
+
+
+def random_logps(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [-torch.rand(n, generator=g, dtype=torch.float64) * 40 for _ in range(4)]
+
+
+def test_step_zero_loss_is_ln2_and_rewards_are_zero():
+    chosen, rejected, _, _ = random_logps()
+    for smoothing in (0.0, 0.2):
+        losses, rc, rr = dpo_loss(chosen, rejected, chosen.clone(), rejected.clone(),
+                                  beta=0.1, label_smoothing=smoothing)
+        assert torch.all(losses == math.log(2))
+        assert torch.all(rc == 0) and torch.all(rr == 0)
+    m = preference_metrics(losses, rc, rr, chosen, rejected)
+    assert m["rewards/accuracies"] == 0 and m["rewards/margins"] == 0  # strict >
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.1, 0.5])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_sigmoid_matches_per_example_formula(beta, smoothing):
+    pc, pr, rc, rr = random_logps(seed=1)
+    losses, cr, rjr = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=smoothing)
+    for i in range(len(pc)):
+        h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+        sig = 1 / (1 + math.exp(-beta * h))
+        expected = -(1 - smoothing) * math.log(sig) - smoothing * math.log(1 - sig)
+        assert losses[i].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert cr[i].item() == pytest.approx(beta * (pc[i].item() - rc[i].item()))
+        assert rjr[i].item() == pytest.approx(beta * (pr[i].item() - rr[i].item()))
+
+
+def test_ipo_uses_per_token_averages():
+    pc, pr, rc, rr = random_logps(seed=2)
+    nc = torch.randint(1, 30, (len(pc),)).double()
+    nr = torch.randint(1, 30, (len(pc),)).double()
+    beta = 0.2
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="ipo",
+                            chosen_n_tokens=nc, rejected_n_tokens=nr)
+    for i in range(len(pc)):
+        h = (pc[i] / nc[i] - pr[i] / nr[i] - (rc[i] / nc[i] - rr[i] / nr[i])).item()
+        assert losses[i].item() == pytest.approx((h - 1 / (2 * beta)) ** 2, rel=1e-9)
+
+
+def test_hinge_reference_free_and_sft_alpha():
+    pc, pr, rc, rr = random_logps(seed=3)
+    nc = torch.full_like(pc, 7.0)
+    beta = 0.3
+    hinge, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="hinge")
+    free, cr, _ = dpo_loss(pc, pr, rc, rr, beta=beta, reference_free=True)
+    rpo, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, sft_alpha=0.5, chosen_n_tokens=nc)
+    for i in range(len(pc)):
+        h = (pc[i] - rc[i] - (pr[i] - rr[i])).item()
+        assert hinge[i].item() == pytest.approx(max(0.0, 1 - beta * h), abs=1e-12)
+        h_free = (pc[i] - pr[i]).item()
+        assert free[i].item() == pytest.approx(math.log1p(math.exp(-beta * h_free)), rel=1e-9)
+        assert cr[i].item() == pytest.approx(beta * pc[i].item())
+        sig = math.log1p(math.exp(-beta * h))
+        assert rpo[i].item() == pytest.approx(sig + 0.5 * -pc[i].item() / 7.0, rel=1e-9)
+
+
+def test_sigmoid_gradient_wrt_h():
+    beta, N = 0.25, 16
+    h = torch.randn(N, dtype=torch.float64, requires_grad=True)
+    zeros = torch.zeros(N, dtype=torch.float64)
+    losses, _, _ = dpo_loss(h, zeros, zeros, zeros, beta=beta)  # pi_logratios = h
+    losses.mean().backward()
+    expected = -beta * torch.sigmoid(-beta * h.detach()) / N
+    assert torch.allclose(h.grad, expected, atol=1e-15)
+
+
+def test_concatenated_logps_returns_chosen_and_rejected_by_name():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=30, dim=32, n_layers=1, n_heads=4,
+                                    n_kv_heads=2, max_seq_len=32)).eval()
+    ids = torch.randint(0, 30, (4, 6))  # 2 pairs: rows 0-1 chosen, rows 2-3 rejected
+    mask = torch.ones(4, 6, dtype=torch.long)
+    with torch.no_grad():
+        logps, n = concatenated_logps(model, {"input_ids": ids, "loss_mask": mask,
+                                              "n_pairs": 2})
+        whole = sequence_logps(model(ids), ids, mask)[0]
+    assert torch.equal(logps.chosen, whole[:2]) and torch.equal(logps.rejected, whole[2:])
+    assert n.chosen.tolist() == [5.0, 5.0]

@@ -1,0 +1,162 @@
+"""The Transformer: causality, KV-cache generation, RoPE, size, checkpoints, SFT loss."""
+
+import pickle
+
+import pytest
+import torch
+
+from loss import sequence_logps
+from model import (ModelConfig, Transformer, apply_rope, load_checkpoint, make_config,
+                   model_from_checkpoint, rope_tables, save_checkpoint)
+
+SMALL = {  # the presets' head layouts at small widths, so the tests take seconds
+    "tiny": dict(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, max_seq_len=64),
+    "minimind": dict(vocab_size=97, dim=64, n_layers=2, n_heads=8, n_kv_heads=2,
+                     max_seq_len=64),
+}
+TOKENIZER = {"sha256": "test", "vocab_size": 97}
+
+
+def small_model(shape="tiny", seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**SMALL[shape])).eval()
+
+
+@pytest.mark.parametrize("shape", sorted(SMALL))
+def test_causality(shape):
+    model = small_model(shape)
+    x = torch.randint(0, 97, (2, 20))
+    t = 11
+    y = x.clone()
+    y[:, t + 1:] = torch.randint(0, 97, (2, 20 - t - 1))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-6)
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:], atol=1e-3)
+
+
+def greedy_by_full_forward(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("shape", sorted(SMALL))
+def test_kv_cache_greedy_equals_full_reforward(shape):
+    model = small_model(shape, seed=1)
+    g = torch.Generator().manual_seed(0)
+    for length in (1, 5, 13):
+        prompt = torch.randint(0, 97, (length,), generator=g).tolist()
+        cached = model.generate(torch.tensor([prompt]), 20, temperature=0)[0]
+        assert cached == greedy_by_full_forward(model, prompt, 20)
+
+
+def test_generate_stops_at_stop_id_and_batches_rows():
+    model = small_model()
+    prompt = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(2))
+    free = model.generate(prompt, 12, temperature=0)
+    stop = free[0][4]
+    stopped = model.generate(prompt, 12, temperature=0, stop_id=stop)
+    assert stopped[0] == free[0][:free[0].index(stop) + 1]
+    for row, out in zip(prompt.tolist(), free):
+        assert out == greedy_by_full_forward(model, row, 12)
+
+
+def test_sampling_with_top_k_one_is_greedy():
+    model = small_model()
+    prompt = torch.tensor([[1, 2, 3]])
+    g = torch.Generator().manual_seed(0)
+    assert model.generate(prompt, 10, temperature=1.0, top_k=1, generator=g) == \
+        model.generate(prompt, 10, temperature=0)
+    assert model.generate(prompt, 10, temperature=1.0, top_p=1e-6, generator=g) == \
+        model.generate(prompt, 10, temperature=0)
+
+
+def test_rope_dot_product_depends_only_on_offset():
+    D = 16
+    cos, sin = rope_tables(D, 64, 1e6)
+    q, k = torch.randn(D), torch.randn(D)
+
+    def rotated_dot(m, n):
+        qm = apply_rope(q.view(1, 1, 1, D), cos[m:m + 1], sin[m:m + 1])
+        kn = apply_rope(k.view(1, 1, 1, D), cos[n:n + 1], sin[n:n + 1])
+        return (qm * kn).sum().item()
+
+    for offset in (0, 1, 7, 30):
+        values = [rotated_dot(m + offset, m) for m in (0, 3, 10, 25)]
+        assert max(values) - min(values) < 1e-4, values
+    assert abs(rotated_dot(5, 0) - rotated_dot(0, 0)) > 1e-3
+
+
+def test_minimind_parameter_count():
+    c = make_config("minimind", vocab_size=6400)
+    V, C, L, H, KV = 6400, 512, 8, 8, 2
+    head = C // H
+    ffn = 64 * -(-int(C * 8 / 3) // 64)  # MiniMind: 8/3 * C rounded up to a multiple of 64
+    assert ffn == c.ffn_dim == 1408
+    attention = C * (H * head) + 2 * C * (KV * head) + (H * head) * C
+    per_layer = attention + 3 * C * ffn + 2 * C  # + two RMSNorm gains
+    expected = V * C + L * per_layer + C  # tied embedding counted once, final norm
+    assert Transformer(c).num_params() == expected == 25_829_888
+    tiny = Transformer(make_config("tiny", vocab_size=1536)).num_params()
+    assert 1_000_000 <= tiny <= 3_000_000
+
+
+def test_checkpoint_round_trip_and_strict_loading(tmp_path):
+    model = small_model()
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, model, TOKENIZER, {"step": 3})
+    ckpt = load_checkpoint(path)
+    assert ckpt["train_state"]["step"] == 3 and ckpt["tokenizer"] == TOKENIZER
+    loaded = model_from_checkpoint(ckpt).eval()
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    missing = dict(ckpt, model={k: v for k, v in ckpt["model"].items()
+                                if k != "norm.weight"})
+    with pytest.raises(ValueError, match="missing keys.*norm.weight"):
+        model_from_checkpoint(missing)
+    extra = dict(ckpt, model={**ckpt["model"], "bonus.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="unexpected keys.*bonus.weight"):
+        model_from_checkpoint(extra)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_checkpoint_with_pickled_object_is_refused(tmp_path):
+    path = str(tmp_path / "evil.pt")
+    torch.save({"model": {}, "config": {}, "tokenizer": {}, "x": Payload()}, path)
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_checkpoint(path)
+    with open(tmp_path / "evil2.pt", "wb") as f:
+        pickle.dump(Payload(), f, protocol=2)
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_checkpoint(str(tmp_path / "evil2.pt"))
+
+
+def test_sft_loss_counts_only_assistant_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)  # (B, T, V)
+    labels = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 1, 2]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]])  # prompt 0, assistant 1
+
+    def loss(lab):
+        logps, n = sequence_logps(logits, lab, mask)
+        return -logps.sum() / n.sum()
+
+    base = loss(labels)
+    changed_prompt = labels.clone()
+    changed_prompt[0, 1], changed_prompt[1, 0], changed_prompt[0, 5] = 9, 3, 0
+    assert torch.equal(loss(changed_prompt), base)
+    changed_answer = labels.clone()
+    changed_answer[0, 3] = 9
+    assert not torch.equal(loss(changed_answer), base)
+    log_probs = logits.log_softmax(-1)
+    by_hand = -(log_probs[0, 2, 4] + log_probs[0, 3, 5] + log_probs[1, 1, 9]
+                + log_probs[1, 2, 10] + log_probs[1, 3, 1] + log_probs[1, 4, 2]) / 6
+    assert torch.allclose(base, by_hand)

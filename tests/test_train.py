@@ -1,0 +1,209 @@
+"""Both training scripts end to end: DDP equivalence, gradient accumulation, resume,
+AMP with GradScaler, the precomputed reference, and non-finite handling."""
+
+import math
+import os
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+
+import train_dpo
+import train_sft
+import training
+from conftest import ROOT
+from model import Transformer, ModelConfig, load_checkpoint
+
+SHAPE = ["--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
+         "--max-seq-len", "256"]
+QUIET = ["--quiet", "--samples", "0", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Small slices of the shipped TinyChat files."""
+    d = tmp_path_factory.mktemp("data")
+    paths = {}
+    for name, n in [("sft_train", 256), ("sft_val", 32), ("pairs_train", 128),
+                    ("pairs_val", 32)]:
+        with open(os.path.join(ROOT, "data", f"{name}.jsonl"), encoding="utf-8") as f:
+            lines = [next(f) for _ in range(n)]
+        paths[name] = str(d / f"{name}.jsonl")
+        with open(paths[name], "w", encoding="utf-8") as f:
+            f.writelines(lines)
+    return paths
+
+
+def sft_args(files, out, *extra):
+    return ["--data", files["sft_train"], "--val-data", files["sft_val"], "--out-dir", str(out),
+            "--lr", "3e-3", "--warmup-steps", "2", *SHAPE, *QUIET, *extra]
+
+
+def dpo_args(files, out, sft_ckpt, *extra):
+    return ["--data", files["pairs_train"], "--val-data", files["pairs_val"],
+            "--out-dir", str(out), "--sft-ckpt", str(sft_ckpt), "--lr", "1e-3",
+            "--warmup-steps", "2", *QUIET, *extra]
+
+
+def torchrun(script, args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, script), *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    train_sft.main(sft_args(files, out, "--steps", "12", "--batch-size", "16"))
+    return out / "sft.pt"
+
+
+def test_sft_two_processes_equal_one_process_with_double_batch(files, tmp_path):
+    train_sft.main(sft_args(files, tmp_path / "one", "--steps", "5", "--batch-size", "8"))
+    torchrun("train_sft.py", sft_args(files, tmp_path / "two", "--steps", "5",
+                                      "--batch-size", "4"))
+    one, two = weights(tmp_path / "one/sft.pt"), weights(tmp_path / "two/sft.pt")
+    assert max_diff(one, two) < 1e-5
+    assert max_diff(one, weights(tmp_path / "one/sft.pt")) == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_sft_interrupted_and_resumed_equals_uninterrupted(files, tmp_path, dtype):
+    common = ["--steps", "6", "--batch-size", "8", "--dtype", dtype, "--grad-accum", "2"]
+    train_sft.main(sft_args(files, tmp_path / "a", *common))
+    train_sft.main(sft_args(files, tmp_path / "b", *common, "--stop-after", "3"))
+    assert load_checkpoint(str(tmp_path / "b/sft.pt"))["train_state"]["step"] == 3
+    train_sft.main(sft_args(files, tmp_path / "b", *common, "--resume"))
+    a, b = load_checkpoint(str(tmp_path / "a/sft.pt")), load_checkpoint(str(tmp_path / "b/sft.pt"))
+    assert max_diff(a["model"], b["model"]) == 0  # bit-equal
+    sa, sb = a["train_state"]["scaler"], b["train_state"]["scaler"]
+    assert sa == sb
+    if dtype == "float16":
+        assert sa["scale"] > 0 and "_growth_tracker" in sa
+
+
+def test_dpo_two_processes_equal_one_process_and_grad_accum(files, sft_ckpt, tmp_path):
+    common = ["--steps", "4"]
+    train_dpo.main(dpo_args(files, tmp_path / "one", sft_ckpt, *common, "--batch-size", "8"))
+    train_dpo.main(dpo_args(files, tmp_path / "acc", sft_ckpt, *common, "--batch-size", "4",
+                            "--grad-accum", "2"))
+    torchrun("train_dpo.py", dpo_args(files, tmp_path / "two", sft_ckpt, *common,
+                                      "--batch-size", "4"))
+    one = weights(tmp_path / "one/dpo.pt")
+    assert max_diff(one, weights(tmp_path / "two/dpo.pt")) < 1e-5
+    assert max_diff(one, weights(tmp_path / "acc/dpo.pt")) < 1e-5
+    assert max_diff(one, weights(sft_ckpt)) > 1e-4  # and training did move the weights
+
+
+def test_dpo_resume_with_precomputed_reference_is_bit_equal(files, sft_ckpt, tmp_path):
+    common = ["--steps", "6", "--batch-size", "8", "--precompute-ref"]
+    train_dpo.main(dpo_args(files, tmp_path / "a", sft_ckpt, *common))
+    train_dpo.main(dpo_args(files, tmp_path / "b", sft_ckpt, *common, "--stop-after", "2"))
+    train_dpo.main(dpo_args(files, tmp_path / "b", sft_ckpt, *common, "--resume"))
+    assert max_diff(weights(tmp_path / "a/dpo.pt"), weights(tmp_path / "b/dpo.pt")) == 0
+    assert len(os.listdir(tmp_path / "b/dpo")) == 2  # metrics.jsonl and one reference cache
+
+
+def test_precomputed_reference_equals_on_the_fly_and_frees_the_model(files, sft_ckpt,
+                                                                      tmp_path, monkeypatch):
+    common = ["--steps", "5", "--batch-size", "8"]
+    train_dpo.main(dpo_args(files, tmp_path / "fly", sft_ckpt, *common))
+    made, seen = [], []
+    real_deepcopy, real_reference_for = train_dpo.copy.deepcopy, train_dpo.reference_for
+
+    def deepcopy(model):
+        ref = real_deepcopy(model)
+        made.append(weakref.ref(ref))
+        return ref
+
+    def reference_for(reference, table, idx, batch, device):
+        seen.append((reference is None, made[0]() is None))
+        return real_reference_for(reference, table, idx, batch, device)
+
+    monkeypatch.setattr(train_dpo.copy, "deepcopy", deepcopy)
+    monkeypatch.setattr(train_dpo, "reference_for", reference_for)
+    train_dpo.main(dpo_args(files, tmp_path / "pre", sft_ckpt, *common, "--precompute-ref"))
+    assert seen and all(none and freed for none, freed in seen)
+    fly, pre = weights(tmp_path / "fly/dpo.pt"), weights(tmp_path / "pre/dpo.pt")
+    assert max_diff(fly, pre) < 1e-5
+
+
+def test_optimizer_step_skips_and_counts_non_finite_gradients():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=20, dim=16, n_layers=1, n_heads=2,
+                                    n_kv_heads=1, max_seq_len=16))
+    x = torch.randint(0, 20, (2, 8))
+    for dtype in ("float16", "float32"):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        scaler = training.make_scaler(torch.device("cpu"), dtype)
+        with training.autocast(torch.device("cpu"), dtype):
+            loss = model(x).float().logsumexp(-1).mean()
+        scaler.scale(loss).backward()
+        model.norm.weight.grad[0] = float("inf")  # injected
+        before = [p.detach().clone() for p in model.parameters()]
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        grad_norm, skipped = training.optimizer_step(model, optimizer, scaler, 1.0)
+        assert skipped and not math.isfinite(grad_norm)
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        if scale is not None:
+            assert scaler.get_scale() < scale  # the scaler backs off
+        with training.autocast(torch.device("cpu"), dtype):  # training continues
+            loss = model(x).float().logsumexp(-1).mean()
+        scaler.scale(loss).backward()
+        grad_norm, skipped = training.optimizer_step(model, optimizer, scaler, 1.0)
+        assert not skipped and math.isfinite(grad_norm)
+        assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_float16_dpo_runs_and_counts_skips(files, sft_ckpt, tmp_path):
+    train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "3", "--batch-size", "4",
+                            "--dtype", "float16"))
+    with open(tmp_path / "dpo/metrics.jsonl") as f:
+        last = [line for line in f][-1]
+    assert '"skipped_steps"' in last
+    assert load_checkpoint(str(tmp_path / "dpo.pt"))["train_state"]["scaler"]["scale"] > 0
+
+
+def test_non_finite_loss_in_float32_stops_with_a_clear_message(files, sft_ckpt, tmp_path):
+    training.check_finite_loss(1.5, 0, "float32")
+    training.check_finite_loss(float("nan"), 0, "float16")  # the scaler's job
+    with pytest.raises(training.NonFiniteLoss, match="loss became nan at step 4"):
+        training.check_finite_loss(float("nan"), 4, "float32")
+    train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "2", "--batch-size", "4"))
+    good = weights(tmp_path / "dpo.pt")
+    with pytest.raises(training.NonFiniteLoss, match="last good one"):
+        train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "40", "--batch-size",
+                                "4", "--lr", "1e30", "--warmup-steps", "0",
+                                "--grad-clip", "0", "--save-every", "100"))
+    assert max_diff(good, weights(tmp_path / "dpo.pt")) == 0  # the last good one, intact
+
+
+def test_sft_then_dpo_end_to_end_under_torchrun(files, tmp_path):
+    torchrun("train_sft.py", sft_args(files, tmp_path, "--steps", "20", "--batch-size", "8"))
+    out = torchrun("train_dpo.py", dpo_args(files, tmp_path, tmp_path / "sft.pt", "--steps",
+                                            "16", "--batch-size", "8", "--lr", "2e-3",
+                                            "--log-every", "1"))
+    assert "pairs/s" in out
+    import json
+    with open(tmp_path / "dpo/metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert records[0]["step"] == 1 and abs(records[0]["loss"] - math.log(2)) < 1e-5
+    late = [r["rewards/accuracies"] for r in records[-4:]]
+    assert sum(late) / len(late) > 0.5
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt",
+                             str(tmp_path / "dpo.pt"), "--prompt", "What is 7 + 5?",
+                             "--max-new-tokens", "8"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "dpo.pt:" in result.stdout, result.stderr

@@ -1,0 +1,237 @@
+"""Helpers that train_sft.py and train_dpo.py share: distributed set-up, AMP, the
+learning-rate schedule, the optimizer step with clipping and skip counting, metrics
+logging and resumable training state. The training loops themselves stay in the
+two scripts, where a reader sees them.
+
+Not run directly; see train_sft.py and train_dpo.py.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_training_args(parser, defaults):
+    """Flags both stages share; `defaults` holds the stage's own default values."""
+    a = parser.add_argument
+    a("--out-dir", default=defaults["out_dir"], help="where checkpoints and metrics go")
+    a("--epochs", type=float, default=defaults["epochs"], help="passes over the training data")
+    a("--steps", type=int, default=None,
+      help="exactly this many optimizer steps (overrides --epochs)")
+    a("--batch-size", type=int, default=defaults["batch_size"],
+      help="examples per micro-batch per process")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--lr", type=float, default=defaults["lr"], help="peak learning rate")
+    a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
+    a("--warmup-steps", type=int, default=defaults["warmup_steps"], help="linear warm-up steps")
+    a("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices only")
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    a("--max-len", type=int, default=defaults["max_len"], help="longest sequence in tokens")
+    a("--dtype", default="float32", choices=sorted(DTYPES),
+      help="autocast dtype; float16 also enables a GradScaler")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--seed", type=int, default=1337, help="seed for initialisation and data order")
+    a("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+      help="batch examples of similar length together: about 2x less padding on TinyChat")
+    a("--eval-every", type=int, default=defaults["eval_every"],
+      help="validate every N steps (0: only at the end)")
+    a("--log-every", type=int, default=10, help="write metrics every N steps")
+    a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    a("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
+    a("--stop-after", type=int, default=None,
+      help="stop (and save) after N steps of this run; the schedule still spans the whole "
+      "run, so a later --resume continues it (for time-limited jobs)")
+    a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    a("--no-save", action="store_true", help="write no checkpoint (for timing runs)")
+    a("--skip-invalid", action="store_true", help="skip bad data records (counted) instead "
+      "of stopping at the first")
+    a("--quiet", action="store_true", help="no progress bar")
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device="auto"):
+    """Start torch.distributed when launched by torchrun (RANK is set): NCCL on CUDA, gloo on
+    CPU. Plain `python script.py` gets world_size 1 and the same code path."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ddp = "RANK" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}" if ddp else device
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        if device == "cpu":  # share the cores between the processes on this machine
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return Dist(rank, local_rank, world_size, torch.device(device))
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(device, dtype_name):
+    """torch.autocast for bfloat16/float16 on CPU or CUDA; nothing for float32."""
+    if dtype_name == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype_name])
+
+
+def make_scaler(device, dtype_name):
+    """A GradScaler, enabled for float16 only (bfloat16 has float32's range)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype_name == "float16")
+
+
+def lr_at(step, total_steps, lr, warmup_steps, min_lr_ratio):
+    """Linear warm-up to lr over warmup_steps, then cosine decay to lr * min_lr_ratio."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * cosine)
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Unscale, clip, and step; a step with non-finite gradients is skipped, not applied.
+
+    Returns (grad_norm, skipped). With float16 the GradScaler also lowers its scale after a
+    skipped step. The gradients are zeroed either way.
+    """
+    scaler.unscale_(optimizer)  # a no-op when the scaler is disabled
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad) for p in params]))
+    grad_norm = grad_norm.item()
+    skipped = not math.isfinite(grad_norm)
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skips by itself when it found inf/NaN
+        scaler.update()
+    elif not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_finite_loss(loss_value, step, dtype_name):
+    """Stop with a clear message when float32/bfloat16 training produces a NaN/inf loss
+    (float16 overflows are the GradScaler's job and only skip the step)."""
+    if not math.isfinite(loss_value) and dtype_name != "float16":
+        raise NonFiniteLoss(f"loss became {loss_value} at step {step} ({dtype_name}); stopping. "
+                            "The last checkpoint on disk is the last good one. Try a lower "
+                            "--lr or a smaller --grad-clip.")
+
+
+def all_reduce_mean(values, world_size, device):
+    """Average a dict of floats over all ranks (one collective for the whole dict)."""
+    if world_size == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: v / world_size for k, v in zip(keys, t.tolist())}
+
+
+def all_reduce_sum(values, world_size, device):
+    """Sum each number of a list over all ranks (one collective); returns a list."""
+    if world_size == 1:
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, path, enabled, resume):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if not resume and os.path.exists(path):
+                os.remove(path)
+
+    def write(self, record):
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """The random states, as tensors and plain values (checkpoint-safe)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_state(optimizer, scaler, step, args):
+    """What --resume needs besides the weights. The data position is the step itself: the
+    batch order is a pure function of (seed, epoch), so step k says where to continue."""
+    return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            "rng": rng_state(), "args": vars(args)}
+
+
+def total_steps(args, batches_per_epoch):
+    """Optimizer steps for the run: --steps, or --epochs over the data."""
+    if args.steps is not None:
+        return args.steps
+    return max(1, int(args.epochs * batches_per_epoch) // args.grad_accum)
+
+
+def last_step(args, start_step, n_steps):
+    """Where this run stops: the end of the schedule, or earlier with --stop-after."""
+    return n_steps if args.stop_after is None else min(n_steps, start_step + args.stop_after)
+
+
+def micro_batches(batches_fn, step, grad_accum, batches_per_epoch):
+    """The grad_accum micro-batches (index lists) of optimizer step `step`; epochs roll over.
+    batches_fn(epoch) returns that epoch's batches for this rank."""
+    out = []
+    for micro in range(step * grad_accum, (step + 1) * grad_accum):
+        epoch, i = divmod(micro, batches_per_epoch)
+        out.append((epoch, batches_fn(epoch)[i]))
+    return out
