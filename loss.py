@@ -55,10 +55,21 @@ def concatenated_logps(model, batch):
     """One forward pass over chosen and rejected together.
 
     Returns (logps, n_tokens), each a ChosenRejected of (B,) tensors: summed response
-    log-probs and response token counts.
+    log-probs and response token counts. Same values as sequence_logps on the full
+    logits, but the output head runs only where a response token is predicted: prompt
+    and padding positions never get a (V,) row of logits.
     """
-    logits = model(batch["input_ids"])  # (2B, T, V)
-    logps, n_tokens = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+    ids, mask = batch["input_ids"], batch["loss_mask"]  # (2B, T) each
+    predicts = torch.zeros_like(mask, dtype=torch.bool)  # (2B, T)
+    predicts[:, :-1] = mask[:, 1:].bool()  # position t predicts token t+1
+    logits = model(ids, positions=predicts).float()  # (N, V), N = response tokens
+    labels = ids[:, 1:][mask[:, 1:].bool()]  # (N,), same row-major order
+    token_logps = (torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
+                   - torch.logsumexp(logits, dim=-1))  # (N,)
+    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(mask)
+    rows = rows[:, 1:][mask[:, 1:].bool()]  # (N,) the sequence of each token
+    logps = torch.zeros(ids.shape[0], device=ids.device).index_add(0, rows, token_logps)
+    n_tokens = mask[:, 1:].sum(-1).float()  # (2B,)
     return split_pairs(logps, batch["n_pairs"]), split_pairs(n_tokens, batch["n_pairs"])
 
 

@@ -224,9 +224,10 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, cache=None, return_hidden=False):
-        """idx (B, T) token ids -> logits (B, T, V), or the final hidden states (B, T, C)
-        with return_hidden (so a caller can apply the head to a few positions only)."""
+    def forward(self, idx, cache=None, positions=None):
+        """idx (B, T) token ids -> logits (B, T, V). With positions, a bool (B, T) mask,
+        only the logits at those positions, (N, V) in row-major order: the output head
+        (a V x C matmul per token) is skipped where no loss needs it."""
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
         if start + T > self.config.max_seq_len:
@@ -239,7 +240,9 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.norm(x)  # (B, T, C)
-        return x if return_hidden else self.output(x)  # (B, T, V)
+        if positions is not None:
+            x = x[positions]  # (N, C)
+        return self.output(x)  # (B, T, V), or (N, V) with positions
 
     def num_params(self):
         """Parameters, counting the tied embedding once."""

@@ -52,8 +52,9 @@ def parse_args(argv=None):
                         help="sigmoid (DPO, Eq. 7), ipo or hinge")
     parser.add_argument("--label-smoothing", type=float, default=0.0,
                         help="conservative DPO: assumed share of flipped labels")
-    parser.add_argument("--sft-alpha", type=float, default=0.0,
-                        help="RPO: weight of the chosen answers' token-mean NLL")
+    parser.add_argument("--sft-alpha", type=float, default=1.0,
+                        help="RPO: weight of the chosen answers' token-mean NLL; keeps the "
+                        "chosen answers likely (and ending), see README (0 = plain DPO)")
     parser.add_argument("--reference-free", action="store_true",
                         help="no reference model (its log-ratio is taken as 0)")
     parser.add_argument("--max-prompt-len", type=int, default=128,
@@ -64,8 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=6,
                         help="greedy answers to held-out TinyChat prompts printed at the end")
     add_model_args(parser)
-    training.add_training_args(parser, dict(out_dir="out", epochs=1.0, batch_size=16,
-                                            lr=2e-4, warmup_steps=20, max_len=256,
+    training.add_training_args(parser, dict(out_dir="out", epochs=1.0, batch_size=8,
+                                            lr=5e-5, warmup_steps=20, max_len=256,
                                             eval_every=100))
     return parser.parse_args(argv)
 
@@ -77,12 +78,14 @@ def file_digest(path):
 
 def reference_logps_all(reference, dataset, batch_size, ctx, dist_info):
     """DPO: the reference's (chosen, rejected) log-probs of every pair, as an (N, 2) tensor.
-    Each rank computes every world_size-th batch; one all-reduce shares the results."""
+    Pairs are batched in length order (little padding); each rank computes every
+    world_size-th batch and one all-reduce shares the results."""
     out = torch.zeros(len(dataset), 2, dtype=torch.float64, device=dist_info.device)
-    starts = range(0, len(dataset), batch_size)
+    lengths = dataset.lengths()
+    order = sorted(range(len(dataset)), key=lambda i: lengths[i])
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     with torch.no_grad():
-        for start in list(starts)[dist_info.rank::dist_info.world_size]:
-            idx = list(range(start, min(start + batch_size, len(dataset))))
+        for idx in batches[dist_info.rank::dist_info.world_size]:
             batch = to_device(data.collate_pairs([dataset[i] for i in idx], dataset.pad_id),
                               dist_info.device)
             with ctx:

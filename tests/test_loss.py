@@ -124,15 +124,38 @@ def test_sigmoid_gradient_wrt_h():
     assert torch.allclose(h.grad, expected, atol=1e-15)
 
 
-def test_concatenated_logps_returns_chosen_and_rejected_by_name():
+def test_concatenated_logps_equals_full_logits_path_and_names_chosen_rejected():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=30, dim=32, n_layers=1, n_heads=4,
                                     n_kv_heads=2, max_seq_len=32)).eval()
-    ids = torch.randint(0, 30, (4, 6))  # 2 pairs: rows 0-1 chosen, rows 2-3 rejected
-    mask = torch.ones(4, 6, dtype=torch.long)
+    ids = torch.randint(0, 30, (4, 9))  # 2 pairs: rows 0-1 chosen, rows 2-3 rejected
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1, 1],
+                         [0, 0, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0, 0]])
     with torch.no_grad():
         logps, n = concatenated_logps(model, {"input_ids": ids, "loss_mask": mask,
                                               "n_pairs": 2})
-        whole = sequence_logps(model(ids), ids, mask)[0]
-    assert torch.equal(logps.chosen, whole[:2]) and torch.equal(logps.rejected, whole[2:])
-    assert n.chosen.tolist() == [5.0, 5.0]
+        whole, whole_n = sequence_logps(model(ids), ids, mask)
+    assert torch.allclose(logps.chosen, whole[:2], atol=1e-5)
+    assert torch.allclose(logps.rejected, whole[2:], atol=1e-5)
+    assert n.chosen.tolist() == [3.0, 6.0] and n.rejected.tolist() == [5.0, 1.0]
+    assert torch.equal(torch.cat([n.chosen, n.rejected]), whole_n)
+
+
+def test_bench_naive_path_computes_the_same_logps_as_the_fast_path():
+    import bench
+    import data
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4,
+                                    n_kv_heads=2, max_seq_len=64)).eval()
+    g = torch.Generator().manual_seed(1)
+    items = []
+    for p, c, r in [(5, 7, 3), (9, 2, 11), (4, 4, 4)]:
+        seq = torch.randint(0, 37, (p + c + r,), generator=g).tolist()
+        items.append({"prompt": seq[:p], "chosen": seq[p:p + c], "chosen_mask": [1] * c,
+                      "rejected": seq[p + c:], "rejected_mask": [1] * r})
+    batch = data.collate_pairs(items, pad_id=39)
+    with torch.no_grad():
+        fast, _ = concatenated_logps(model, batch)
+        naive = bench.naive_logps(model, bench.pad_to(batch, 48, 39))
+    assert (fast.chosen - naive.chosen).abs().max() < 1e-5
+    assert (fast.rejected - naive.rejected).abs().max() < 1e-5
