@@ -589,21 +589,22 @@ def collate_pairs(items, pad_id):
     return {"input_ids": ids, "loss_mask": mask, "n_pairs": len(items)}
 
 
-def epoch_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1,
+def epoch_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, grad_accum=1,
                   group_by_length=False):
-    """This rank's batches (lists of dataset indices) for one epoch.
+    """This rank's micro-batches (lists of dataset indices) for one epoch, in order.
 
-    A global batch holds batch_size * world_size examples drawn from a permutation
-    seeded by (seed, epoch); rank r takes the r-th slice of every global batch, so the
-    ranks are disjoint and 2 ranks x batch B see what 1 rank x batch 2B sees. The last
-    incomplete global batch is dropped. With group_by_length, examples are sorted by
-    length inside windows of 64 global batches, then the batch order is shuffled:
-    less padding, still deterministic.
+    One optimizer step consumes a global batch of batch_size * world_size * grad_accum
+    examples drawn from a permutation seeded by (seed, epoch). Micro-step k of rank r
+    takes its own slice of it, so ranks are disjoint and 2 ranks x batch B, or 1 rank x
+    2 micro-batches of B, see exactly what 1 rank x batch 2B sees. The last incomplete
+    global batch is dropped. With group_by_length, examples are sorted by length
+    inside windows of 64 global batches, then the batch order is shuffled: less
+    padding, still deterministic.
     """
     g = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
     g.shuffle(order)
-    size = batch_size * world_size
+    size = batch_size * world_size * grad_accum
     if group_by_length:
         window = 64 * size
         order = [i for s in range(0, len(order), window)
@@ -611,7 +612,12 @@ def epoch_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1,
     batches = [order[s:s + size] for s in range(0, len(order) - size + 1, size)]
     if group_by_length:
         g.shuffle(batches)
-    return [b[rank * batch_size:(rank + 1) * batch_size] for b in batches]
+    mine = []
+    for batch in batches:
+        for k in range(grad_accum):
+            start = (k * world_size + rank) * batch_size
+            mine.append(batch[start:start + batch_size])
+    return mine
 
 
 def main():

@@ -163,7 +163,7 @@ def main(argv=None):
                                      args.skip_invalid, log) if args.val_data else None)
     epoch_batches = functools.lru_cache(maxsize=2)(functools.partial(
         data.epoch_batches, train_ds.lengths(), args.batch_size, args.seed,
-        rank=dist_info.rank, world_size=dist_info.world_size,
+        rank=dist_info.rank, world_size=dist_info.world_size, grad_accum=args.grad_accum,
         group_by_length=args.group_by_length))
     batches_per_epoch = len(epoch_batches(0))
     if batches_per_epoch == 0:

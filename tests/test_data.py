@@ -200,3 +200,10 @@ def test_epoch_batches_deterministic_disjoint_and_sharded(group):
     assert [a + b for a, b in zip(r0, r1)] == one  # 2 ranks x 4 == 1 rank x 8
     flat = [i for b in r0 + r1 for i in b]
     assert len(flat) == len(set(flat)) == 1000
+    accum = data.epoch_batches(lengths, 4, 1, 3, grad_accum=2, group_by_length=group)
+    assert [a + b for a, b in zip(accum[::2], accum[1::2])] == one  # 2 micro x 4 == 1 x 8
+    both = [data.epoch_batches(lengths, 2, 1, 3, rank=r, world_size=2, grad_accum=2,
+                               group_by_length=group) for r in (0, 1)]
+    steps = [sorted(both[0][2 * s] + both[0][2 * s + 1] + both[1][2 * s] + both[1][2 * s + 1])
+             for s in range(len(one))]
+    assert steps == [sorted(b) for b in one]

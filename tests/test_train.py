@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 import weakref
 
 import pytest
@@ -132,7 +133,7 @@ def test_precomputed_reference_equals_on_the_fly_and_frees_the_model(files, sft_
         seen.append((reference is None, made[0]() is None))
         return real_reference_for(reference, table, idx, batch, device)
 
-    monkeypatch.setattr(train_dpo.copy, "deepcopy", deepcopy)
+    monkeypatch.setattr(train_dpo, "copy", types.SimpleNamespace(deepcopy=deepcopy))
     monkeypatch.setattr(train_dpo, "reference_for", reference_for)
     train_dpo.main(dpo_args(files, tmp_path / "pre", sft_ckpt, *common, "--precompute-ref"))
     assert seen and all(none and freed for none, freed in seen)
@@ -176,30 +177,41 @@ def test_float16_dpo_runs_and_counts_skips(files, sft_ckpt, tmp_path):
     assert load_checkpoint(str(tmp_path / "dpo.pt"))["train_state"]["scaler"]["scale"] > 0
 
 
-def test_non_finite_loss_in_float32_stops_with_a_clear_message(files, sft_ckpt, tmp_path):
+def test_non_finite_loss_in_float32_stops_with_a_clear_message(files, sft_ckpt, tmp_path,
+                                                               monkeypatch):
     training.check_finite_loss(1.5, 0, "float32")
     training.check_finite_loss(float("nan"), 0, "float16")  # the scaler's job
     with pytest.raises(training.NonFiniteLoss, match="loss became nan at step 4"):
         training.check_finite_loss(float("nan"), 4, "float32")
-    train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "2", "--batch-size", "4"))
-    good = weights(tmp_path / "dpo.pt")
-    with pytest.raises(training.NonFiniteLoss, match="last good one"):
-        train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "40", "--batch-size",
-                                "4", "--lr", "1e30", "--warmup-steps", "0",
-                                "--grad-clip", "0", "--save-every", "100"))
-    assert max_diff(good, weights(tmp_path / "dpo.pt")) == 0  # the last good one, intact
+    calls = []
+    real_dpo_loss = train_dpo.dpo_loss
+
+    def poisoned_dpo_loss(*args, **kwargs):  # the 4th step's loss is NaN
+        calls.append(1)
+        losses, chosen, rejected = real_dpo_loss(*args, **kwargs)
+        return (losses * float("nan") if len(calls) == 4 else losses), chosen, rejected
+
+    monkeypatch.setattr(train_dpo, "dpo_loss", poisoned_dpo_loss)
+    with pytest.raises(training.NonFiniteLoss, match="at step 3 .*last good one"):
+        train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "8", "--batch-size",
+                                "4", "--save-every", "2", "--eval-every", "0"))
+    assert len(calls) == 4  # stopped at once
+    ckpt = load_checkpoint(str(tmp_path / "dpo.pt"))
+    assert ckpt["train_state"]["step"] == 2  # the last good checkpoint, intact
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 def test_sft_then_dpo_end_to_end_under_torchrun(files, tmp_path):
     torchrun("train_sft.py", sft_args(files, tmp_path, "--steps", "20", "--batch-size", "8"))
     out = torchrun("train_dpo.py", dpo_args(files, tmp_path, tmp_path / "sft.pt", "--steps",
                                             "16", "--batch-size", "8", "--lr", "2e-3",
-                                            "--log-every", "1"))
+                                            "--log-every", "1", "--sft-alpha", "0"))
     assert "pairs/s" in out
     import json
     with open(tmp_path / "dpo/metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
-    assert records[0]["step"] == 1 and abs(records[0]["loss"] - math.log(2)) < 1e-5
+    assert records[0]["step"] == 1 and abs(records[0]["loss"] - math.log(2)) < 1e-6
+    assert records[0]["rewards/chosen"] == records[0]["rewards/margins"] == 0
     late = [r["rewards/accuracies"] for r in records[-4:]]
     assert sum(late) / len(late) > 0.5
     result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt",
