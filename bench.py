@@ -22,6 +22,7 @@ Run:  python bench.py                          (the issue's shape: ~5M params, p
 """
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -70,6 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    parser.add_argument("--peak-shapes", default="model", choices=sorted(PEAK_SHAPES),
+                        help="matmul shapes for the peak measurement")
     parser.add_argument("--run-mode", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     add_model_args(parser)
@@ -123,10 +126,16 @@ def policy_flops_per_token(config, context):
     return config.n_layers * per_layer
 
 
-def matmul_peak(dtype, threads):
-    """Best GFLOP/s of torch.mm at shapes like this model's, in this process."""
+PEAK_SHAPES = {  # (M, K, N) of torch.mm: tokens x width x outputs, like the model's matmuls
+    "model": [(2048, 256, 1664), (2048, 256, 6400), (2048, 832, 256), (1024, 1024, 1024)],
+    "small": [(128, 64, 64)],  # for a quick smoke run
+}
+
+
+def matmul_peak(dtype, shapes):
+    """Best GFLOP/s of torch.mm over `shapes`, in this process."""
     best = 0.0
-    for m, k, n in [(2048, 256, 1664), (2048, 256, 6400), (2048, 832, 256), (1024, 1024, 1024)]:
+    for m, k, n in shapes:
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(3):
             a @ b
@@ -161,12 +170,21 @@ def run_mode(args):
     optimizer = configure_optimizer(model, 1e-5, 0.1)
     scaler = training.make_scaler(torch.device("cpu"), dtype)
     ctx = training.autocast(torch.device("cpu"), dtype)
-    g = random.Random(1)
+    # The batch order train_dpo.py uses: length-grouped, except in the naive mode, which
+    # pads everything to --max-len anyway.
+    lengths = [2 * len(x["prompt"]) + len(x["chosen"]) + len(x["rejected"]) for x in items]
+
+    def batch_stream():
+        for epoch in itertools.count():
+            yield from data.epoch_batches(lengths, args.batch_size, seed=0, epoch=epoch,
+                                          group_by_length=not pad_to_max)
+
+    batch_order = batch_stream()
     ref_table = torch.randn(len(items), 2) * 10 - 200  # stands in for the cached log-probs
     counts = {"pairs": 0, "tokens": 0, "padded": 0, "useful_flops": 0.0}
 
     def step(timed):
-        idx = g.sample(range(len(items)), args.batch_size)
+        idx = next(batch_order)
         batch = [items[i] for i in idx]
         if args.run_mode == "sft":
             ids, mask = data.pad_sequences([x["prompt"] + x["chosen"] for x in batch],
@@ -240,8 +258,8 @@ def main():
         return run_mode(args)
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    peak32 = matmul_peak(torch.float32, threads)
-    peak16 = matmul_peak(torch.bfloat16, threads)
+    peak32 = matmul_peak(torch.float32, PEAK_SHAPES[args.peak_shapes])
+    peak16 = matmul_peak(torch.bfloat16, PEAK_SHAPES[args.peak_shapes])
     print(f"matmul peak in this process ({threads} threads): fp32 {peak32:.0f} GFLOP/s, "
           f"bf16 {peak16:.0f} GFLOP/s")
     rows = []

@@ -318,7 +318,7 @@ PROMPT_MAKERS = {"arithmetic": arithmetic_prompt, "facts": fact_prompt, "words":
 
 
 def ideal_answer(meta):
-    """The answer the judge scores 1.0, e.g. {"task": "+", "a": 7, "b": 5, ...} -> "7 + 5 = 12."."""
+    """The answer the judge scores 1.0: {"task": "+", "a": 7, "b": 5, ...} -> "7 + 5 = 12."."""
     task = meta["task"]
     if task in ("+", "-", "*"):
         return f"{meta['a']} {task} {meta['b']} = {meta['answer']}."

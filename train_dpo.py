@@ -18,12 +18,12 @@ import time
 from contextlib import nullcontext
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
 import training
-from loss import LOSS_TYPES, METRIC_NAMES, concatenated_logps, dpo_loss, preference_metrics, split_pairs
+from loss import (LOSS_TYPES, METRIC_NAMES, concatenated_logps, dpo_loss, preference_metrics,
+                  split_pairs)
 from model import (Transformer, add_model_args, check_tokenizer, config_from_args,
                    configure_optimizer, load_checkpoint, model_from_checkpoint,
                    save_checkpoint)
@@ -228,23 +228,15 @@ def main(argv=None):
         ref_table, val_ref_table = cached["train"], cached.get("val")
         reference = None  # freed: no reference forward during training
     raw_model = model  # the unwrapped policy: what we save
-    if args.compile:
-        model = torch.compile(model)
-    if dist_info.world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = training.wrap_model(model, args.compile, dist_info)  # compile, DDP
 
     # ------------------------------------------------------------------------
     # 5. Optimizer, learning-rate schedule, AMP scaler
     optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay,
                                     device_type=device.type)
     scaler = training.make_scaler(device, args.dtype)
-    start_step = 0
+    start_step = training.restore_training_state(resume, optimizer, scaler)
     if resume is not None:
-        state = resume["train_state"]
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        training.set_rng_state(state["rng"])
-        start_step = state["step"]
         log(f"resumed from {ckpt_path} at step {start_step}")
     metrics_log = training.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
                                       is_main, resume is not None)
@@ -321,4 +313,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except training.NonFiniteLoss as e:
+        raise SystemExit(f"error: {e}") from None

@@ -15,7 +15,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -111,23 +110,15 @@ def main(argv=None):
     model.to(device)
     log(f"model: {model.num_params():,} parameters, {config}")
     raw_model = model  # the unwrapped model: what we save
-    if args.compile:
-        model = torch.compile(model)
-    if dist_info.world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = training.wrap_model(model, args.compile, dist_info)  # compile, DDP
 
     # ------------------------------------------------------------------------
     # 5. Optimizer, learning-rate schedule, AMP scaler
     optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay,
                                     device_type=device.type)
     scaler = training.make_scaler(device, args.dtype)
-    start_step = 0
+    start_step = training.restore_training_state(resume, optimizer, scaler)
     if resume is not None:
-        state = resume["train_state"]
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        training.set_rng_state(state["rng"])
-        start_step = state["step"]
         log(f"resumed from {ckpt_path} at step {start_step}")
     metrics = training.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
                                   is_main, resume is not None)
@@ -199,4 +190,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except training.NonFiniteLoss as e:
+        raise SystemExit(f"error: {e}") from None

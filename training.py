@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,6 +88,29 @@ def setup_distributed(device="auto"):
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return Dist(rank, local_rank, world_size, torch.device(device))
+
+
+def wrap_model(model, compile_model, dist_info):
+    """The model the loop calls: optionally torch.compile'd, and DDP-wrapped under torchrun.
+    Keep the unwrapped model to save and to build the optimizer from."""
+    if compile_model:
+        model = torch.compile(model)
+    if dist_info.world_size > 1:
+        device = dist_info.device
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def restore_training_state(resume, optimizer, scaler):
+    """Load optimizer, scaler and RNG states saved by train_state(); return the step to
+    continue from (0 when not resuming)."""
+    if resume is None:
+        return 0
+    state = resume["train_state"]
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state["step"]
 
 
 def cleanup_distributed():

@@ -14,13 +14,15 @@ def test_worked_example_from_the_docstring():
 
 
 def test_round_trip_of_unicode_and_every_byte(enc):
-    texts = ["hello world", "日本語のテキスト、中文也可以", "emoji 🤖🎉👩‍👩‍👧", "tabs\tand\r\nnewlines\x00\x07\x1b",
-             "  leading spaces and trailing  ", "Ünïcödé façade naïve", "١٢٣ ٤٥٦ numerals"]
+    texts = ["hello world", "日本語のテキスト、中文也可以",
+             "emoji 🤖🎉👩‍👩‍👧",
+             "tabs\tand\r\nnewlines\x00\x07\x1b", "  leading spaces and trailing  ",
+             "Ünïcödé façade naïve", "١٢٣ ٤٥٦ numerals"]
     for text in texts:
         assert enc.decode(data.encode_text(enc, text)) == text
     every_byte = bytes(range(256))
-    assert enc.decode_bytes(enc.encode_ordinary(every_byte.decode("latin-1"))) == \
-        every_byte.decode("latin-1").encode("utf-8")
+    as_text = every_byte.decode("latin-1")  # 256 code points, U+0000..U+00FF
+    assert enc.decode_bytes(enc.encode_ordinary(as_text)) == as_text.encode("utf-8")
     for b in range(256):  # each byte on its own is a token of rank b
         assert enc.encode_single_token(bytes([b])) == b
 

@@ -1,0 +1,21 @@
+"""bench.py runs end to end and prints its table (figures themselves are not asserted)."""
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_prints_a_row_per_mode():
+    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--modes", "naive", "precompute",
+           "sft", "--steps", "1", "--warmup", "1", "--pairs", "16", "--batch-size", "4",
+           "--dim", "32", "--n-layers", "1", "--n-heads", "4", "--n-kv-heads", "2",
+           "--ffn-dim", "64", "--vocab-size", "300", "--prompt-len", "10",
+           "--response-len", "20", "--max-len", "48", "--peak-shapes", "small"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    for mode in ("naive", "precompute", "sft"):
+        assert any(line.startswith(mode + " ") for line in lines), out.stdout
+    assert "matmul peak" in out.stdout and "MFU" in out.stdout
