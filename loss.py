@@ -56,16 +56,15 @@ def concatenated_logps(model, batch):
 
     Returns (logps, n_tokens), each a ChosenRejected of (B,) tensors: summed response
     log-probs and response token counts. Same values as sequence_logps on the full
-    logits, but the output head runs only where a response token is predicted: prompt
-    and padding positions never get a (V,) row of logits.
+    logits, computed with less work: the output head runs only where a response token
+    is predicted (prompt and padding positions get no logits), a chunk of rows at a
+    time, so no (N, V) tensor is ever held (model.ChunkedTokenLogps).
     """
     ids, mask = batch["input_ids"], batch["loss_mask"]  # (2B, T) each
     predicts = torch.zeros_like(mask, dtype=torch.bool)  # (2B, T)
     predicts[:, :-1] = mask[:, 1:].bool()  # position t predicts token t+1
-    logits = model(ids, positions=predicts).float()  # (N, V), N = response tokens
-    labels = ids[:, 1:][mask[:, 1:].bool()]  # (N,), same row-major order
-    token_logps = (torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
-                   - torch.logsumexp(logits, dim=-1))  # (N,)
+    labels = ids[:, 1:][mask[:, 1:].bool()]  # (N,) response tokens, row-major order
+    token_logps = model(ids, positions=predicts, targets=labels)  # (N,) fp32
     rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(mask)
     rows = rows[:, 1:][mask[:, 1:].bool()]  # (N,) the sequence of each token
     logps = torch.zeros(ids.shape[0], device=ids.device).index_add(0, rows, token_logps)

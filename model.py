@@ -200,6 +200,55 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+class ChunkedTokenLogps(torch.autograd.Function):
+    """log p(target) = logit[target] - logsumexp(logits), in fp32, for each row of hidden
+    (N, C), where logits = hidden @ weight.T (N, V) are made a chunk of rows at a time.
+
+    The full (N, V) logits are never held: forward keeps only each row's logsumexp, and
+    backward remakes one chunk's logits (one extra head matmul) to form the gradient
+    d/dlogits = onehot(target) - softmax(logits) in place. Same values as the plain
+    log_softmax-and-gather, with far less memory traffic (tests/test_loss.py checks).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows=None):
+        device_type = hidden.device.type
+        dtype = (torch.get_autocast_dtype(device_type)
+                 if torch.is_autocast_enabled(device_type) else hidden.dtype)
+        ctx.dtype = dtype
+        ctx.chunk = chunk_rows or max(64, 2 ** 21 // weight.shape[0])  # ~8 MB of fp32 logits
+        out = torch.empty(hidden.shape[0], device=hidden.device)  # (N,)
+        lse = torch.empty(hidden.shape[0], device=hidden.device)  # (N,)
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(dtype)
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                logits = (hidden[s:s + ctx.chunk].to(dtype) @ w.t()).float()  # (n, V)
+                lse[s:s + ctx.chunk] = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(-1, targets[s:s + ctx.chunk, None]).squeeze(-1)
+                out[s:s + ctx.chunk] = picked - lse[s:s + ctx.chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        dtype = ctx.dtype
+        grad_hidden = torch.empty_like(hidden)  # (N, C)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # (V, C)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                h = hidden[s:s + ctx.chunk].to(dtype)  # (n, C)
+                g = grad_out[s:s + ctx.chunk, None].float()  # (n, 1)
+                logits = (h @ w.t()).float()  # (n, V)
+                grad = logits.sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g)  # -g softmax
+                grad.scatter_add_(1, targets[s:s + ctx.chunk, None], g)  # + g onehot
+                grad = grad.to(dtype)
+                grad_hidden[s:s + ctx.chunk] = (grad @ w).to(hidden.dtype)  # (n, C)
+                grad_weight += (grad.t() @ h).float()  # (V, C)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None
+
+
 class Transformer(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -224,10 +273,13 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, cache=None, positions=None):
-        """idx (B, T) token ids -> logits (B, T, V). With positions, a bool (B, T) mask,
-        only the logits at those positions, (N, V) in row-major order: the output head
-        (a V x C matmul per token) is skipped where no loss needs it."""
+    def forward(self, idx, cache=None, positions=None, targets=None):
+        """idx (B, T) token ids -> logits (B, T, V).
+
+        With positions, a bool (B, T) mask: only the logits at those positions, (N, V) in
+        row-major order, so the output head is skipped where no loss needs it. With
+        targets (N,) too: the fp32 log-probability of each target, (N,), computed by
+        ChunkedTokenLogps without ever holding the (N, V) logits."""
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
         if start + T > self.config.max_seq_len:
@@ -242,6 +294,8 @@ class Transformer(nn.Module):
         x = self.norm(x)  # (B, T, C)
         if positions is not None:
             x = x[positions]  # (N, C)
+        if targets is not None:
+            return ChunkedTokenLogps.apply(x, self.output.weight, targets)  # (N,)
         return self.output(x)  # (B, T, V), or (N, V) with positions
 
     def num_params(self):

@@ -159,3 +159,28 @@ def test_bench_naive_path_computes_the_same_logps_as_the_fast_path():
         naive = bench.naive_logps(model, bench.pad_to(batch, 48, 39))
     assert (fast.chosen - naive.chosen).abs().max() < 1e-5
     assert (fast.rejected - naive.rejected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_token_logps_matches_log_softmax_values_and_gradients(dtype):
+    from model import ChunkedTokenLogps
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 37, (50,))
+    upstream = torch.randn(50)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with ctx:
+        plain = (hidden @ weight.t()).float().log_softmax(-1).gather(-1, targets[:, None])
+    plain = plain.squeeze(-1)
+    (plain * upstream).sum().backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    with ctx:
+        chunked = ChunkedTokenLogps.apply(hidden, weight, targets, 7)  # 8 chunks
+    (chunked * upstream).sum().backward()
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert chunked.dtype == torch.float32
+    assert (chunked - plain).abs().max() < tol
+    assert (hidden.grad - grads[0]).abs().max() < tol * 10
+    assert (weight.grad - grads[1]).abs().max() < tol * 10
