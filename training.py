@@ -93,8 +93,8 @@ def setup_distributed(device="auto"):
 def wrap_model(model, compile_model, dist_info):
     """The model the loop calls: optionally torch.compile'd, and DDP-wrapped under torchrun.
     Keep the unwrapped model to save and to build the optimizer from."""
-    if compile_model:
-        model = torch.compile(model)
+    if compile_model:  # batch shapes vary from step to step: compile for dynamic shapes
+        model = torch.compile(model, dynamic=True)
     if dist_info.world_size > 1:
         device = dist_info.device
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
