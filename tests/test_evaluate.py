@@ -1,0 +1,83 @@
+"""evaluate.py end to end on tiny checkpoints, and its statistics on known cases."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import evaluate
+from conftest import ROOT
+from model import Transformer, make_config, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = Transformer(make_config("tiny", vocab_size=1536, dim=32, n_layers=1,
+                                        n_heads=4, n_kv_heads=2))
+        paths.append(str(d / f"m{seed}.pt"))
+        save_checkpoint(paths[-1], model, data.tokenizer_identity())
+    return paths
+
+
+def run_evaluate(*args):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_report_runs_and_a_checkpoint_against_itself_ties(checkpoints, tmp_path):
+    a, b = checkpoints
+    report = str(tmp_path / "self.json")
+    stdout = run_evaluate("--ckpt", a, "--ckpt", b, "--limit", "12", "--samples", "2",
+                          "--max-new-tokens", "6", "--json", report)
+    assert "win_rate_vs_first" in stdout and "score/harmful" in stdout
+    with open(report) as f:
+        results = json.load(f)["results"]
+    assert set(results) == {a, b}
+    assert 0.0 <= results[b]["sampled T=1/win_rate_vs_first"] <= 1.0
+    assert results[a]["sampled T=1/kl_vs_ref"] == 0.0  # the reference itself
+    assert results[b]["sampled T=1/kl_vs_ref"] != 0.0
+    # the same checkpoint twice: every sample ties, and its KL from itself is 0
+    rows = evaluate.eval_prompts()[::45]
+    model = evaluate.load_model(a, data.DEFAULT_TOKENIZER, "cpu")
+    enc = data.load_tokenizer()
+    prompts, answers = evaluate.generate_all(model, enc, rows, 3, 1.0, 6, 0, "cpu")
+    prompts2, answers2 = evaluate.generate_all(model, enc, rows, 3, 1.0, 6, 0, "cpu")
+    assert answers == answers2  # deterministic given the seed
+    scored = evaluate.score_answers(enc, rows, answers, data.Chat(enc).im_end)
+    assert evaluate.win_rate(scored, scored) == 0.5
+    logps = evaluate.answer_logps(model, prompts, answers, "cpu")
+    kl, se = evaluate.kl_estimate(logps, logps)
+    assert kl == 0.0 and se == 0.0
+
+
+def test_preference_accuracy_of_the_reference_against_itself_is_zero(checkpoints, tmp_path):
+    a, b = checkpoints
+    pairs = tmp_path / "pairs.jsonl"
+    with open(os.path.join(ROOT, "data", "pairs_val.jsonl"), encoding="utf-8") as f:
+        pairs.write_text("".join(next(f) for _ in range(24)), encoding="utf-8")
+    report = str(tmp_path / "pairs.json")
+    run_evaluate("--ckpt", a, "--ckpt", b, "--ref", a, "--pairs", str(pairs), "--json", report)
+    with open(report) as f:
+        results = json.load(f)["results"]
+    assert results[a] == {"pairs/accuracy": 0.0, "pairs/margin": 0.0}  # strict >
+    assert results[b]["pairs/margin"] != 0.0
+
+
+def test_win_rate_counts_ties_as_half():
+    def s(x):
+        return {"score": x}, 1
+
+    a = [[s(1.0), s(0.0)], [s(0.5), s(0.8)]]
+    b = [[s(1.0), s(1.0)], [s(0.0), s(0.8)]]
+    assert evaluate.win_rate(a, b) == (0.5 + 1 + 0 + 0.5) / 4
+    assert evaluate.kl_estimate([[1.0, 3.0]], [[0.0, 0.0]]) == pytest.approx((2.0, 1.0))
