@@ -108,7 +108,7 @@ class Pairs(list):
         self.pad_id = pad_id
 
     def lengths(self):
-        return [2 * len(x["prompt"]) + len(x["chosen"]) + len(x["rejected"]) for x in self]
+        return [data.pair_length(x) for x in self]
 
 
 ONE_PROCESS = training.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

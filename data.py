@@ -547,9 +547,12 @@ class PreferenceDataset:
         return self.items[i]
 
     def lengths(self):
-        """Tokens a pair costs: prompt + chosen + prompt + rejected."""
-        return [2 * len(x["prompt"]) + len(x["chosen"]) + len(x["rejected"])
-                for x in self.items]
+        return [pair_length(x) for x in self.items]
+
+
+def pair_length(item):
+    """Tokens a pair costs in the concatenated forward: prompt + chosen + prompt + rejected."""
+    return 2 * len(item["prompt"]) + len(item["chosen"]) + len(item["rejected"])
 
 
 def pad_sequences(seqs, masks, pad_id):

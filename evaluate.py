@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import data
 import tasks
+import training
 from loss import concatenated_logps, sequence_logps
 from sample import eval_prompts, load_model
 
@@ -120,7 +121,7 @@ def pair_accuracy(model, reference, dataset, beta, device, batch_size=32):
         for s in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]
             batch = data.collate_pairs(items, dataset.pad_id)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = training.to_device(batch, device)
             pol, _ = concatenated_logps(model, batch)
             ref, _ = concatenated_logps(reference, batch)
             margin = beta * ((pol.chosen - ref.chosen) - (pol.rejected - ref.rejected))
@@ -208,10 +209,8 @@ def main():
                     results[path][f"{mode}/kl_vs_ref"] = kl
                     results[path][f"{mode}/kl_stderr"] = se
         for mode, _, _ in modes:
-            keys = [k for k in results[last] if k.startswith(mode + "/")]
-            keys = sorted(set(keys) | {k for r in results.values() for k in r
-                                       if k.startswith(mode + "/")}, key=lambda k: (
-                "/win" in k or "/kl" in k, k))
+            keys = sorted({k for r in results.values() for k in r if k.startswith(mode + "/")},
+                          key=lambda k: ("/win" in k or "/kl" in k, k))  # pair stats last
             print_table(f"{mode} on {len(rows)} held-out prompts"
                         + (f", {args.samples} samples each" if mode != "greedy" else "")
                         + f"; KL reference: {ref_path}", args.ckpt, results, keys)

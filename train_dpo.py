@@ -86,18 +86,14 @@ def reference_logps_all(reference, dataset, batch_size, ctx, dist_info):
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     with torch.no_grad():
         for idx in batches[dist_info.rank::dist_info.world_size]:
-            batch = to_device(data.collate_pairs([dataset[i] for i in idx], dataset.pad_id),
-                              dist_info.device)
+            batch = training.to_device(data.collate_pairs([dataset[i] for i in idx],
+                                                          dataset.pad_id), dist_info.device)
             with ctx:
                 logps, _ = concatenated_logps(reference, batch)
             out[idx, 0], out[idx, 1] = logps.chosen.double(), logps.rejected.double()
     if dist_info.world_size > 1:
         torch.distributed.all_reduce(out)
     return out.float().cpu()
-
-
-def to_device(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def evaluate_pairs(model, reference, ref_table, dataset, args, ctx, dist_info):
@@ -108,8 +104,8 @@ def evaluate_pairs(model, reference, ref_table, dataset, args, ctx, dist_info):
         starts = list(range(0, len(dataset), args.batch_size))
         for start in starts[dist_info.rank::dist_info.world_size]:
             idx = list(range(start, min(start + args.batch_size, len(dataset))))
-            batch = to_device(data.collate_pairs([dataset[i] for i in idx], dataset.pad_id),
-                              dist_info.device)
+            batch = training.to_device(data.collate_pairs([dataset[i] for i in idx],
+                                                          dataset.pad_id), dist_info.device)
             with ctx:
                 logps, n_tokens = concatenated_logps(model, batch)
                 ref = reference_for(reference, ref_table, idx, batch, dist_info.device)
@@ -161,8 +157,9 @@ def main(argv=None):
                                       args.skip_invalid, log)
     val_ds = (data.PreferenceDataset(args.val_data, enc, args.max_len, args.max_prompt_len,
                                      args.skip_invalid, log) if args.val_data else None)
+    train_lengths = train_ds.lengths()  # tokens a pair costs
     epoch_batches = functools.lru_cache(maxsize=2)(functools.partial(
-        data.epoch_batches, train_ds.lengths(), args.batch_size, args.seed,
+        data.epoch_batches, train_lengths, args.batch_size, args.seed,
         rank=dist_info.rank, world_size=dist_info.world_size, grad_accum=args.grad_accum,
         group_by_length=args.group_by_length))
     batches_per_epoch = len(epoch_batches(0))
@@ -170,7 +167,7 @@ def main(argv=None):
         raise SystemExit(f"{args.data}: {len(train_ds)} pairs are fewer than one global "
                          f"batch ({args.batch_size} x {dist_info.world_size})")
     n_steps = training.total_steps(args, batches_per_epoch)
-    tokens_per_pair = sum(train_ds.lengths()) / len(train_ds)
+    tokens_per_pair = sum(train_lengths) / len(train_ds)
     log(f"{len(train_ds)} training pairs ({tokens_per_pair:.1f} tokens a pair), "
         f"{batches_per_epoch} batches per epoch, {n_steps} steps")
 
@@ -193,11 +190,7 @@ def main(argv=None):
     reference = None
     if not args.reference_free:
         reference = copy.deepcopy(model).eval().requires_grad_(False)  # never wrapped in DDP
-    resume = None
-    if args.resume and os.path.exists(ckpt_path):
-        resume = load_checkpoint(ckpt_path)
-        check_tokenizer(resume, tokenizer_id, ckpt_path)
-        model.load_state_dict(resume["model"], strict=True)
+    resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id)
     log(f"policy: {model.num_params():,} parameters, {model.config}")
 
     # DPO: --precompute-ref: every pair's reference log-probs once, cached on disk, and the
@@ -257,8 +250,8 @@ def main(argv=None):
         for k, (_, idx) in enumerate(micro):
             last = k == len(micro) - 1
             sync = nullcontext() if last or dist_info.world_size == 1 else model.no_sync()
-            batch = to_device(data.collate_pairs([train_ds[i] for i in idx], train_ds.pad_id),
-                              device)  # input_ids, loss_mask: (2B, T)
+            batch = training.to_device(data.collate_pairs([train_ds[i] for i in idx],
+                                                          train_ds.pad_id), device)  # (2B, T)
             with sync:
                 with ctx:
                     logps, n_tokens = concatenated_logps(model, batch)  # policy, with grad
@@ -270,7 +263,7 @@ def main(argv=None):
                                               *logps).items():
                 step_metrics[name] = step_metrics.get(name, 0.0) + v / len(micro)
             pairs_seen += len(idx) * dist_info.world_size
-            tokens_seen += sum(train_ds.lengths()[i] for i in idx) * dist_info.world_size
+            tokens_seen += sum(train_lengths[i] for i in idx) * dist_info.world_size
         grad_norm, skipped = training.optimizer_step(raw_model, optimizer, scaler,
                                                      args.grad_clip)
         skipped_steps += skipped

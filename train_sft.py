@@ -20,8 +20,8 @@ from tqdm import tqdm
 import data
 import training
 from loss import sequence_logps
-from model import (Transformer, add_model_args, check_tokenizer, config_from_args,
-                   configure_optimizer, load_checkpoint, save_checkpoint)
+from model import (Transformer, add_model_args, config_from_args, configure_optimizer,
+                   save_checkpoint)
 from sample import show_samples
 
 STAGE = "sft"
@@ -102,11 +102,7 @@ def main(argv=None):
     # 4. Model (and the training state when resuming)
     config = config_from_args(args, enc.n_vocab)
     model = Transformer(config)
-    resume = None
-    if args.resume and os.path.exists(ckpt_path):
-        resume = load_checkpoint(ckpt_path)
-        check_tokenizer(resume, tokenizer_id, ckpt_path)
-        model.load_state_dict(resume["model"], strict=True)
+    resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id)
     model.to(device)
     log(f"model: {model.num_params():,} parameters, {config}")
     raw_model = model  # the unwrapped model: what we save

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from model import check_tokenizer, load_checkpoint
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -111,6 +113,22 @@ def restore_training_state(resume, optimizer, scaler):
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return state["step"]
+
+
+def to_device(batch, device):
+    """Move a collated batch's tensors to device; other values stay as they are."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def load_resume(ckpt_path, enabled, model, tokenizer_id):
+    """With --resume and a checkpoint at ckpt_path: load its weights into model and return
+    it (restore_training_state takes the rest later); else None."""
+    if not enabled or not os.path.exists(ckpt_path):
+        return None
+    resume = load_checkpoint(ckpt_path)
+    check_tokenizer(resume, tokenizer_id, ckpt_path)
+    model.load_state_dict(resume["model"], strict=True)
+    return resume
 
 
 def cleanup_distributed():
