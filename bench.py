@@ -2,12 +2,13 @@
 
 Each mode runs in a fresh subprocess (so peak memory is its own), builds the same
 model and data, warms up, then times --steps optimizer steps of the real training
-code (loss.py, training.py). Rows:
+code (loss.py, model.py, train_dpo.py). Rows:
 
   naive       MiniMind-style: every sequence padded to --max-len, full-vocab
               log_softmax over every position, reference forward every step
   default     train_dpo.py's path: dynamic padding, head on response positions only,
               reference forward every step
+  chunked     default with --chunked-head (loss.ChunkedTokenLogps: no (N, V) logits)
   precompute  the same with --precompute-ref: no reference forward in the step
   bf16        default + bfloat16 autocast
   compile     precomputed reference + torch.compile (fp32)
@@ -38,18 +39,20 @@ import torch.nn.functional as F
 
 import data
 import training
-from loss import concatenated_logps, dpo_loss, sequence_logps, split_pairs
-from model import Transformer, add_model_args, config_from_args, configure_optimizer
-from train_dpo import reference_logps_all
+from loss import ChosenRejected, concatenated_logps, dpo_loss, response_logps, split_pairs
+from model import (Transformer, add_model_args, config_from_args, configure_optimizer,
+                   optimizer_step)
+from train_dpo import reference_table
 
-MODES = {  # name: (pad to max_len, reference forward per step, dtype, compile)
-    "naive": (True, True, "float32", False),
-    "default": (False, True, "float32", False),
-    "precompute": (False, False, "float32", False),
-    "bf16": (False, True, "bfloat16", False),
-    "compile": (False, False, "float32", True),
-    "best": (False, False, "bfloat16", False),
-    "sft": (False, False, "float32", False),
+MODES = {  # name: (pad to max_len, reference forward per step, dtype, compile, chunked head)
+    "naive": (True, True, "float32", False, False),
+    "default": (False, True, "float32", False, False),
+    "chunked": (False, True, "float32", False, True),
+    "precompute": (False, False, "float32", False, False),
+    "bf16": (False, True, "bfloat16", False, False),
+    "compile": (False, False, "float32", True, False),
+    "best": (False, False, "bfloat16", False, False),
+    "sft": (False, False, "float32", False, False),
 }
 
 
@@ -101,7 +104,7 @@ def synthetic_pairs(args):
 
 
 class Pairs(list):
-    """Tokenised pairs with what train_dpo.reference_logps_all expects of a data set."""
+    """Tokenised pairs with what train_dpo.reference_table expects of a data set."""
 
     def __init__(self, items, pad_id):
         super().__init__(items)
@@ -114,21 +117,18 @@ class Pairs(list):
 ONE_PROCESS = training.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
-def pad_to(batch, length, pad_id):
+def pad_to(ids, mask, length, pad_id):
     """Pad a collated batch to a fixed length (the naive mode)."""
-    extra = length - batch["input_ids"].shape[1]
-    return dict(batch, input_ids=F.pad(batch["input_ids"], (0, extra), value=pad_id),
-                loss_mask=F.pad(batch["loss_mask"], (0, extra)))
+    extra = length - ids.shape[1]
+    return F.pad(ids, (0, extra), value=pad_id), F.pad(mask, (0, extra))
 
 
-def naive_logps(model, batch):
+def naive_logps(model, ids, mask):
     """MiniMind-style: logits at every position, a full log_softmax, then gather."""
-    logits = model(batch["input_ids"])  # (2B, T, V)
+    logits = model(ids)  # (2B, T, V)
     log_probs = F.log_softmax(logits.float(), dim=-1)  # (2B, T, V): a second full tensor
-    labels = batch["input_ids"][:, 1:]
-    token_logps = torch.gather(log_probs[:, :-1], -1, labels.unsqueeze(-1)).squeeze(-1)
-    logps = (token_logps * batch["loss_mask"][:, 1:]).sum(-1)
-    return split_pairs(logps, batch["n_pairs"])
+    token_logps = torch.gather(log_probs[:, :-1], -1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return split_pairs((token_logps * mask[:, 1:]).sum(-1))
 
 
 def policy_flops_per_token(config, context):
@@ -166,7 +166,7 @@ def run_mode(args):
     """One row: build, warm up, time; write the figures as JSON to args.result."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    pad_to_max, ref_forward, dtype, compile_model = MODES[args.run_mode]
+    pad_to_max, ref_forward, dtype, compile_model, chunked = MODES[args.run_mode]
     torch.manual_seed(0)
     if args.data:
         enc = data.load_tokenizer(args.tokenizer)
@@ -199,8 +199,8 @@ def run_mode(args):
     if not ref_forward and args.run_mode != "sft":  # --precompute-ref: before the clock starts
         pairs = Pairs(items, pad_id)
         with torch.no_grad():
-            ref_table = reference_logps_all(copy.deepcopy(model).eval(), pairs,
-                                            2 * args.batch_size, ctx, ONE_PROCESS)
+            ref_table = reference_table(copy.deepcopy(model).eval(), pairs,
+                                        2 * args.batch_size, ctx, ONE_PROCESS)
     counts = {"pairs": 0, "tokens": 0, "padded": 0, "useful_flops": 0.0}
 
     def step(timed):
@@ -211,38 +211,36 @@ def run_mode(args):
                                            [[0] * len(x["prompt"]) + x["chosen_mask"]
                                             for x in batch], pad_id)
             with ctx:
-                logits = step_model(ids)  # (B, T, V)
-            logps, n = sequence_logps(logits, ids, mask)
+                logps, n = response_logps(step_model, ids, mask)
             (-logps.sum() / n.sum()).backward()
-            training.optimizer_step(model, optimizer, scaler, 1.0)
+            optimizer_step(model, optimizer, scaler, 1.0)
             lengths = [len(x["prompt"]) + len(x["chosen"]) for x in batch]
             width, n_seq = ids.shape[1], len(batch)
         else:
-            collated = data.collate_pairs(batch, pad_id)
+            ids, mask = data.collate_pairs(batch, pad_id)
             if pad_to_max:
-                collated = pad_to(collated, args.max_len, pad_id)
+                ids, mask = pad_to(ids, mask, args.max_len, pad_id)
             with ctx:
                 if pad_to_max:
-                    policy = naive_logps(step_model, collated)
-                    n_tok = split_pairs(collated["loss_mask"][:, 1:].sum(-1).float(),
-                                        len(batch))
+                    policy = naive_logps(step_model, ids, mask)
+                    n_tok = split_pairs(mask[:, 1:].sum(-1).float())
                 else:
-                    policy, n_tok = concatenated_logps(step_model, collated)
+                    policy, n_tok = concatenated_logps(step_model, ids, mask, chunked)
                 if reference is not None:
                     with torch.no_grad():
-                        ref = (naive_logps if pad_to_max else
-                               lambda m, b: concatenated_logps(m, b)[0])(reference, collated)
+                        ref = (naive_logps(reference, ids, mask) if pad_to_max else
+                               concatenated_logps(reference, ids, mask, chunked)[0])
                 else:
                     rows = ref_table[idx]
-                    ref = split_pairs(torch.cat([rows[:, 0], rows[:, 1]]), len(batch))
+                    ref = ChosenRejected(chosen=rows[:, 0], rejected=rows[:, 1])
             losses, _, _ = dpo_loss(policy.chosen, policy.rejected, ref.chosen, ref.rejected,
                                     beta=args.beta, chosen_n_tokens=n_tok.chosen,
                                     rejected_n_tokens=n_tok.rejected)
             scaler.scale(losses.mean()).backward()
-            training.optimizer_step(model, optimizer, scaler, 1.0)
+            optimizer_step(model, optimizer, scaler, 1.0)
             lengths = ([len(x["prompt"]) + len(x["chosen"]) for x in batch]
                        + [len(x["prompt"]) + len(x["rejected"]) for x in batch])
-            width, n_seq = collated["input_ids"].shape[1], 2 * len(batch)
+            width, n_seq = ids.shape[1], 2 * len(batch)
         if timed:
             counts["pairs"] += len(batch)
             counts["tokens"] += sum(lengths)

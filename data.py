@@ -572,24 +572,22 @@ def pad_sequences(seqs, masks, pad_id):
 
 
 def collate_sft(items, pad_id):
-    """[(ids, mask)] -> {"input_ids": (B, T), "loss_mask": (B, T)}."""
-    ids, mask = pad_sequences([i for i, _ in items], [m for _, m in items], pad_id)
-    return {"input_ids": ids, "loss_mask": mask}
+    """[(ids, mask)] -> (input_ids (B, T), loss_mask (B, T)), right-padded."""
+    return pad_sequences([i for i, _ in items], [m for _, m in items], pad_id)
 
 
 def collate_pairs(items, pad_id):
     """Pairs -> one batch for a single forward pass: rows 0..B-1 are prompt+chosen and rows
     B..2B-1 prompt+rejected, right-padded to the longest of all 2B.
 
-    {"input_ids": (2B, T), "loss_mask": (2B, T), "n_pairs": B}; the mask is 1 on the
-    response tokens only. Use loss.split_pairs to get chosen and rejected back by name.
+    Returns (input_ids (2B, T), loss_mask (2B, T)); the mask is 1 on the response tokens
+    only. loss.split_pairs gives chosen and rejected back by name.
     """
     seqs = ([x["prompt"] + x["chosen"] for x in items]
             + [x["prompt"] + x["rejected"] for x in items])
     masks = ([[0] * len(x["prompt"]) + x["chosen_mask"] for x in items]
              + [[0] * len(x["prompt"]) + x["rejected_mask"] for x in items])
-    ids, mask = pad_sequences(seqs, masks, pad_id)
-    return {"input_ids": ids, "loss_mask": mask, "n_pairs": len(items)}
+    return pad_sequences(seqs, masks, pad_id)
 
 
 def epoch_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, grad_accum=1,
@@ -621,6 +619,32 @@ def epoch_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, grad_a
             start = (k * world_size + rank) * batch_size
             mine.append(batch[start:start + batch_size])
     return mine
+
+
+class BatchOrder:
+    """Which examples each optimizer step trains on, on this rank: order(step) is the list
+    of its grad_accum micro-batches (lists of dataset indices).
+
+    The order is a pure function of (seed, step): epoch, position = divmod(step,
+    steps_per_epoch), and epoch_batches does the rest. That is why --resume is exact:
+    the checkpoint stores the step, and step k of a resumed run trains on the very
+    batches that step k of an uninterrupted run would have.
+    """
+
+    def __init__(self, lengths, batch_size, seed, rank=0, world_size=1, grad_accum=1,
+                 group_by_length=False):
+        self.args = (lengths, batch_size, seed)
+        self.kwargs = dict(rank=rank, world_size=world_size, grad_accum=grad_accum,
+                           group_by_length=group_by_length)
+        self.grad_accum = grad_accum
+        self.epoch, self.batches = 0, epoch_batches(*self.args, 0, **self.kwargs)
+        self.steps_per_epoch = len(self.batches) // grad_accum
+
+    def __call__(self, step):
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:  # one epoch's order is kept; the next is made on demand
+            self.epoch, self.batches = epoch, epoch_batches(*self.args, epoch, **self.kwargs)
+        return self.batches[k * self.grad_accum:(k + 1) * self.grad_accum]
 
 
 def main():

@@ -24,7 +24,7 @@ from tqdm import tqdm
 import data
 import tasks
 import training
-from loss import concatenated_logps, sequence_logps
+from loss import concatenated_logps, response_logps
 from sample import eval_prompts, load_model
 
 SKILLS = tasks.SKILLS
@@ -100,8 +100,7 @@ def answer_logps(model, prompts, answers, device, batch_size=64):
             chunk = flat[s:s + batch_size]
             ids, mask = data.pad_sequences([p + a for p, a in chunk],
                                            [[0] * len(p) + [1] * len(a) for p, a in chunk], 0)
-            logits = model(ids.to(device))  # (B, T, V)
-            values += sequence_logps(logits, ids.to(device), mask.to(device))[0].tolist()
+            values += response_logps(model, ids.to(device), mask.to(device))[0].tolist()
     it = iter(values)
     return [[next(it) for _ in outs] for outs in answers]
 
@@ -120,10 +119,10 @@ def pair_accuracy(model, reference, dataset, beta, device, batch_size=32):
     with torch.no_grad():
         for s in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]
-            batch = data.collate_pairs(items, dataset.pad_id)
-            batch = training.to_device(batch, device)
-            pol, _ = concatenated_logps(model, batch)
-            ref, _ = concatenated_logps(reference, batch)
+            ids, mask = data.collate_pairs(items, dataset.pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            pol, _ = concatenated_logps(model, ids, mask)
+            ref, _ = concatenated_logps(reference, ids, mask)
             margin = beta * ((pol.chosen - ref.chosen) - (pol.rejected - ref.rejected))
             correct += (margin > 0).float().tolist()
             margins += margin.tolist()

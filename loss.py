@@ -4,11 +4,15 @@ DPO (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model
 is Secretly a Reward Model", arXiv:2305.18290) trains the policy pi_theta
 directly on preference pairs (x, y_w, y_l), with a frozen reference pi_ref:
 
-    L_DPO = -E[ log sigma( beta * h ) ],
+    L_DPO = -E[ log sigma( beta * h ) ],                                    (Eq. 7)
     h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
 
-(Eq. 7 of the paper). beta * (log pi(y|x) - log pi_ref(y|x)) is the implicit
-reward of y. Not run directly; train_dpo.py uses it.
+beta * (log pi(y|x) - log pi_ref(y|x)) is the implicit reward of y. Every
+log pi(y|x) here is a SUM over the response tokens (not a mean).
+
+Reading order: token_logps -> sequence_logps (the worked example) ->
+response_logps (what both trainers call) -> concatenated_logps (DPO's pairs)
+-> dpo_loss. Not run directly; train_sft.py and train_dpo.py use it.
 """
 
 from collections import namedtuple
@@ -18,8 +22,22 @@ import torch.nn.functional as F
 
 ChosenRejected = namedtuple("ChosenRejected", ["chosen", "rejected"])
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                "rewards/accuracies", "logps/chosen", "logps/rejected")
+METRIC_NAMES = ("loss", "loss/dpo", "loss/nll", "rewards/chosen", "rewards/rejected",
+                "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+
+# ----------------------------------------------------------------------------
+# Log-probabilities
+
+
+def token_logps(logits, labels):
+    """log p(label) under softmax(logits), in fp32: logits (..., V), labels (...) -> (...).
+
+    logit[label] - logsumexp(logits) is log_softmax(logits)[label] without making a
+    second (..., V) tensor.
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (...)
+    return picked - logits.logsumexp(dim=-1)  # (...)
 
 
 def sequence_logps(logits, labels, loss_mask):
@@ -31,105 +49,159 @@ def sequence_logps(logits, labels, loss_mask):
     (logps (B,), n_tokens (B,)), the token counts for per-token averages.
 
     Worked example, V = 2, one sequence labels = [0, 1, 1], loss_mask = [0, 1, 1]:
-        logits[0] = [0, 0]        -> p(labels[1] = 1) = 1/2
-        logits[1] = [0, ln 3]     -> p(labels[2] = 1) = 3/4
-        logits[2]                 -> predicts past the end: unused
-        logps = ln(1/2) + ln(3/4) = -0.98083,  n_tokens = 2
+    logits[0] = [0, 0] gives p(labels[1] = 1) = 1/2, logits[1] = [0, ln 3] gives
+    p(labels[2] = 1) = 3/4, and logits[2] predicts past the end (unused):
+
+        >>> import math
+        >>> logits = torch.tensor([[[0.0, 0.0], [0.0, math.log(3)], [5.0, -5.0]]])
+        >>> logps, n_tokens = sequence_logps(logits, torch.tensor([[0, 1, 1]]),
+        ...                                  torch.tensor([[0, 1, 1]]))
+        >>> round(logps.item(), 5), round(math.log(1 / 2) + math.log(3 / 4), 5), n_tokens
+        (-0.98083, -0.98083, tensor([2.]))
     """
-    logits = logits[:, :-1, :].float()  # (B, T-1, V)
-    labels = labels[:, 1:]  # (B, T-1)
+    per_token = token_logps(logits[:, :-1], labels[:, 1:])  # (B, T-1)
     mask = loss_mask[:, 1:].float()  # (B, T-1)
-    # log p(label) = logit[label] - logsumexp(logits): no second (B, T-1, V) tensor
-    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    token_logps = picked - torch.logsumexp(logits, dim=-1)  # (B, T-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)  # (B,), (B,)
+    return (per_token * mask).sum(-1), mask.sum(-1)  # (B,), (B,)
 
 
-def split_pairs(x, n_pairs):
-    """Rows 0..n-1 are the chosen sequences and rows n..2n-1 the rejected ones (the order
-    data.collate_pairs builds); return them by name."""
-    return ChosenRejected(chosen=x[:n_pairs], rejected=x[n_pairs:])
+def response_logps(model, ids, loss_mask, chunked_head=False):
+    """sequence_logps(model(ids), ids, loss_mask), computed with less work: the output
+    head runs only where a response token is predicted. Both trainers use this.
 
-
-def concatenated_logps(model, batch):
-    """One forward pass over chosen and rejected together.
-
-    Returns (logps, n_tokens), each a ChosenRejected of (B,) tensors: summed response
-    log-probs and response token counts. Same values as sequence_logps on the full
-    logits, computed with less work: the output head runs only where a response token
-    is predicted (prompt and padding positions get no logits), a chunk of rows at a
-    time, so no (N, V) tensor is ever held (model.ChunkedTokenLogps).
+    ids, loss_mask (B, T). Returns (logps (B,), n_tokens (B,)): summed log-probs of
+    the masked tokens and their counts. chunked_head=True gives the same numbers
+    without ever holding the (N, V) logits (ChunkedTokenLogps below): for large
+    vocabularies.
     """
-    ids, mask = batch["input_ids"], batch["loss_mask"]  # (2B, T) each
-    predicts = torch.zeros_like(mask, dtype=torch.bool)  # (2B, T)
-    predicts[:, :-1] = mask[:, 1:].bool()  # position t predicts token t+1
-    labels = ids[:, 1:][mask[:, 1:].bool()]  # (N,) response tokens, row-major order
-    token_logps = model(ids, positions=predicts, targets=labels)  # (N,) fp32
-    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(mask)
-    rows = rows[:, 1:][mask[:, 1:].bool()]  # (N,) the sequence of each token
-    logps = torch.zeros(ids.shape[0], device=ids.device).index_add(0, rows, token_logps)
-    n_tokens = mask[:, 1:].sum(-1).float()  # (2B,)
-    return split_pairs(logps, batch["n_pairs"]), split_pairs(n_tokens, batch["n_pairs"])
+    targets = loss_mask[:, 1:].bool()  # (B, T-1): is token t+1 a response token?
+    labels = ids[:, 1:][targets]  # (N,) the response tokens, row by row
+    # Position t predicts token t+1, so the last token predicts nothing: leave it out.
+    if chunked_head:
+        picked = model(ids[:, :-1], positions=targets, labels=labels)  # (N,) fp32
+    else:
+        logits = model(ids[:, :-1], positions=targets)  # (N, V): head at N positions only
+        picked = token_logps(logits, labels)  # (N,)
+    per_token = torch.zeros(targets.shape, device=ids.device)  # (B, T-1)
+    per_token = per_token.masked_scatter(targets, picked)  # back to its (row, position)
+    return per_token.sum(-1), targets.sum(-1).float()  # (B,) SUM, not mean; (B,)
+
+
+def split_pairs(x):
+    """Rows 0..B-1 are the chosen sequences and rows B..2B-1 the rejected ones (the order
+    data.collate_pairs builds); return the two halves by name."""
+    chosen, rejected = x.chunk(2)
+    return ChosenRejected(chosen=chosen, rejected=rejected)
+
+
+def concatenated_logps(model, ids, loss_mask, chunked_head=False):
+    """One forward pass over chosen and rejected together (ids, loss_mask (2B, T), laid
+    out by data.collate_pairs). Returns (logps, n_tokens), each a ChosenRejected of (B,)
+    tensors: summed response log-probs and response token counts."""
+    logps, n_tokens = response_logps(model, ids, loss_mask, chunked_head)  # (2B,) each
+    return split_pairs(logps), split_pairs(n_tokens)
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """Opt-in (--chunked-head): token_logps(hidden @ weight.T, labels) for each row of
+    hidden (N, C), with the same numbers, without ever holding the (N, V) logits.
+
+    Forward makes the logits a chunk of rows at a time and keeps only each row's
+    logsumexp; backward remakes one chunk's logits (one extra head matmul) and forms
+    d/dlogits = onehot(label) - softmax(logits) in place. Worth it for large
+    vocabularies, where (N, V) is the largest tensor of the step; tests/test_loss.py
+    checks it against the plain path, values and gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_rows=None):
+        device_type = hidden.device.type
+        dtype = (torch.get_autocast_dtype(device_type)
+                 if torch.is_autocast_enabled(device_type) else hidden.dtype)
+        ctx.dtype = dtype
+        ctx.chunk = chunk_rows or max(64, 2 ** 21 // weight.shape[0])  # ~8 MB of fp32 logits
+        out = torch.empty(hidden.shape[0], device=hidden.device)  # (N,)
+        lse = torch.empty(hidden.shape[0], device=hidden.device)  # (N,)
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(dtype)
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                logits = (hidden[s:s + ctx.chunk].to(dtype) @ w.t()).float()  # (n, V)
+                lse[s:s + ctx.chunk] = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(-1, labels[s:s + ctx.chunk, None]).squeeze(-1)
+                out[s:s + ctx.chunk] = picked - lse[s:s + ctx.chunk]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        dtype = ctx.dtype
+        grad_hidden = torch.empty_like(hidden)  # (N, C)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # (V, C)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                h = hidden[s:s + ctx.chunk].to(dtype)  # (n, C)
+                g = grad_out[s:s + ctx.chunk, None].float()  # (n, 1)
+                logits = (h @ w.t()).float()  # (n, V)
+                grad = logits.sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g)  # -g softmax
+                grad.scatter_add_(1, labels[s:s + ctx.chunk, None], g)  # + g onehot
+                grad = grad.to(dtype)
+                grad_hidden[s:s + ctx.chunk] = (grad @ w).to(hidden.dtype)  # (n, C)
+                grad_weight += (grad.t() @ h).float()  # (V, C)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None
+
+# ----------------------------------------------------------------------------
+# The DPO loss family
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-             reference_rejected_logps, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
-             reference_free=False, chosen_n_tokens=None, rejected_n_tokens=None,
-             sft_alpha=0.0):
-    """Per-pair losses and detached rewards for the DPO family. All inputs are (B,) summed
-    log-probs; the token counts are needed for "ipo" and for sft_alpha.
+             reference_rejected_logps, beta, loss_type="sigmoid", label_smoothing=0.0,
+             chosen_n_tokens=None, rejected_n_tokens=None):
+    """Per-pair losses and detached rewards. All log-probs are (B,) SUMS over response
+    tokens; the token counts (B,) are needed by "ipo" only.
 
-    With h = pi_logratios - ref_logratios (the `logits` below):
       sigmoid  -log sigma(beta h)                      Rafailov et al. 2023, Eq. 7
                with label_smoothing eps (conservative DPO, Mitchell 2023):
                -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
-      ipo      (h_avg - 1/(2 beta))^2, h_avg from per-token AVERAGED log-probs
+      ipo      (h_avg - 1/(2 beta))^2, h_avg: h from per-token AVERAGED log-probs
                (Azar et al. 2023, arXiv:2310.12036)
       hinge    max(0, 1 - beta h)   (SLiC-HF, Zhao et al. 2023, arXiv:2305.10425;
                RSO, Liu et al. 2023, arXiv:2309.06657)
-    reference_free sets ref_logratios to 0. sft_alpha adds alpha * (token-mean NLL of
-    y_w) per pair (RPO, Pang et al. 2024, arXiv:2404.19733).
 
-    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), rewards being
-    beta * (log pi(y|x) - log pi_ref(y|x)) with summed log-probs, detached.
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards being
+    beta * (log pi(y|x) - log pi_ref(y|x)), detached.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
-    if reference_free:
-        reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
-        reference_rejected_logps = torch.zeros_like(policy_rejected_logps)
-    if loss_type == "ipo":
-        pi_logratios = (policy_chosen_logps / chosen_n_tokens
-                        - policy_rejected_logps / rejected_n_tokens)
-        ref_logratios = (reference_chosen_logps / chosen_n_tokens
-                         - reference_rejected_logps / rejected_n_tokens)
-    else:
-        pi_logratios = policy_chosen_logps - policy_rejected_logps
-        ref_logratios = reference_chosen_logps - reference_rejected_logps
-    logits = pi_logratios - ref_logratios  # h, (B,)
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = reference_chosen_logps - reference_rejected_logps
+    h = pi_logratios - ref_logratios  # h_{pi_theta}^{y_w, y_l} in the paper, (B,)
+
     if loss_type == "sigmoid":
-        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * logits)
-                  - label_smoothing * F.logsigmoid(-beta * logits))
-    elif loss_type == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
+        losses = -F.logsigmoid(beta * h)  # Eq. 7
+        if label_smoothing > 0:  # conservative DPO: a share eps of the labels is flipped
+            losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":  # per-token averages: h_avg = h with each logps / its length
+        h_avg = ((policy_chosen_logps - reference_chosen_logps) / chosen_n_tokens
+                 - (policy_rejected_logps - reference_rejected_logps) / rejected_n_tokens)
+        losses = (h_avg - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
     else:
-        losses = torch.relu(1 - beta * logits)
-    if sft_alpha:
-        losses = losses + sft_alpha * (-policy_chosen_logps / chosen_n_tokens)
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
+
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
 
 
-def preference_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps,
-                       policy_rejected_logps):
-    """Batch means with TRL's names, as 0-dim tensors (no host sync here)."""
+def preference_metrics(losses, chosen_rewards, rejected_rewards, policy_logps):
+    """Batch means with TRL's names, as 0-dim tensors (no host sync here). policy_logps is
+    the policy's ChosenRejected summed log-probs."""
     return {
-        "loss": losses.detach().mean(),
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),  # strict
-        "logps/chosen": policy_chosen_logps.detach().mean(),
-        "logps/rejected": policy_rejected_logps.detach().mean(),
+        "logps/chosen": policy_logps.chosen.detach().mean(),
+        "logps/rejected": policy_logps.rejected.detach().mean(),
+        "loss/dpo": losses.detach().mean(),
     }

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loss import ChunkedTokenLogps
+
 
 @dataclass
 class ModelConfig:
@@ -200,55 +202,6 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-class ChunkedTokenLogps(torch.autograd.Function):
-    """log p(target) = logit[target] - logsumexp(logits), in fp32, for each row of hidden
-    (N, C), where logits = hidden @ weight.T (N, V) are made a chunk of rows at a time.
-
-    The full (N, V) logits are never held: forward keeps only each row's logsumexp, and
-    backward remakes one chunk's logits (one extra head matmul) to form the gradient
-    d/dlogits = onehot(target) - softmax(logits) in place. Same values as the plain
-    log_softmax-and-gather, with far less memory traffic (tests/test_loss.py checks).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows=None):
-        device_type = hidden.device.type
-        dtype = (torch.get_autocast_dtype(device_type)
-                 if torch.is_autocast_enabled(device_type) else hidden.dtype)
-        ctx.dtype = dtype
-        ctx.chunk = chunk_rows or max(64, 2 ** 21 // weight.shape[0])  # ~8 MB of fp32 logits
-        out = torch.empty(hidden.shape[0], device=hidden.device)  # (N,)
-        lse = torch.empty(hidden.shape[0], device=hidden.device)  # (N,)
-        with torch.autocast(device_type, enabled=False):
-            w = weight.to(dtype)
-            for s in range(0, hidden.shape[0], ctx.chunk):
-                logits = (hidden[s:s + ctx.chunk].to(dtype) @ w.t()).float()  # (n, V)
-                lse[s:s + ctx.chunk] = torch.logsumexp(logits, dim=-1)
-                picked = logits.gather(-1, targets[s:s + ctx.chunk, None]).squeeze(-1)
-                out[s:s + ctx.chunk] = picked - lse[s:s + ctx.chunk]
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        dtype = ctx.dtype
-        grad_hidden = torch.empty_like(hidden)  # (N, C)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # (V, C)
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            for s in range(0, hidden.shape[0], ctx.chunk):
-                h = hidden[s:s + ctx.chunk].to(dtype)  # (n, C)
-                g = grad_out[s:s + ctx.chunk, None].float()  # (n, 1)
-                logits = (h @ w.t()).float()  # (n, V)
-                grad = logits.sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g)  # -g softmax
-                grad.scatter_add_(1, targets[s:s + ctx.chunk, None], g)  # + g onehot
-                grad = grad.to(dtype)
-                grad_hidden[s:s + ctx.chunk] = (grad @ w).to(hidden.dtype)  # (n, C)
-                grad_weight += (grad.t() @ h).float()  # (V, C)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None
-
-
 class Transformer(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -273,13 +226,14 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, cache=None, positions=None, targets=None):
+    def forward(self, idx, cache=None, positions=None, labels=None):
         """idx (B, T) token ids -> logits (B, T, V).
 
-        With positions, a bool (B, T) mask: only the logits at those positions, (N, V) in
-        row-major order, so the output head is skipped where no loss needs it. With
-        targets (N,) too: the fp32 log-probability of each target, (N,), computed by
-        ChunkedTokenLogps without ever holding the (N, V) logits."""
+        positions, a bool (B, T) mask, keeps only the rows a loss needs: the output head,
+        the costliest matmul at this size, then runs at those N positions only and the
+        logits are (N, V), row by row. labels (N,) with positions selects the opt-in
+        chunked head: log p(label) (N,), the same numbers as token_logps of the logits,
+        without holding them (loss.ChunkedTokenLogps)."""
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
         if start + T > self.config.max_seq_len:
@@ -294,8 +248,8 @@ class Transformer(nn.Module):
         x = self.norm(x)  # (B, T, C)
         if positions is not None:
             x = x[positions]  # (N, C)
-        if targets is not None:
-            return ChunkedTokenLogps.apply(x, self.output.weight, targets)  # (N,)
+        if labels is not None:
+            return ChunkedTokenLogps.apply(x, self.output.weight, labels)  # (N,)
         return self.output(x)  # (B, T, V), or (N, V) with positions
 
     def num_params(self):
@@ -355,6 +309,37 @@ def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device_type=
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+
+def lr_at(step, total_steps, lr, warmup_steps, min_lr_ratio):
+    """Linear warm-up to lr over warmup_steps, then cosine decay to lr * min_lr_ratio.
+
+        >>> [round(lr_at(s, 10, 1.0, 2, 0.1), 3) for s in (0, 1, 2, 6, 10)]
+        [0.5, 1.0, 1.0, 0.55, 0.1]
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * cosine)
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Unscale, clip, step; a step with non-finite gradients is skipped, never applied.
+
+    Returns (grad_norm, skipped). With float16 the GradScaler skips such a step by itself
+    and lowers its scale; otherwise (scaler disabled) we skip it here. grad_clip 0 means
+    no clipping (the norm is still measured). The gradients are zeroed either way.
+    """
+    scaler.unscale_(optimizer)  # a no-op when the scaler is disabled
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    grad_norm = grad_norm.item()
+    skipped = not math.isfinite(grad_norm)
+    if scaler.is_enabled() or not skipped:
+        scaler.step(optimizer)  # = optimizer.step() when the scaler is disabled
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
 
 # ----------------------------------------------------------------------------
 # Checkpoints: plain tensors and primitives only, written atomically, read strictly.

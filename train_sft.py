@@ -2,6 +2,8 @@
 
 The loss is the token-mean cross-entropy over assistant tokens only (the chat
 template's loss mask). The result, out/sft.pt, is where DPO starts.
+train_dpo.py has the same numbered sections; `diff train_sft.py train_dpo.py`
+shows what DPO adds.
 
 Run:  python train_sft.py                              (TinyChat, tiny preset, ~4 min on 2 cores)
       torchrun --standalone --nproc_per_node=2 train_sft.py
@@ -9,7 +11,6 @@ Run:  python train_sft.py                              (TinyChat, tiny preset, ~
 """
 
 import argparse
-import functools
 import os
 import time
 from contextlib import nullcontext
@@ -19,12 +20,13 @@ from tqdm import tqdm
 
 import data
 import training
-from loss import sequence_logps
-from model import (Transformer, add_model_args, config_from_args, configure_optimizer,
-                   save_checkpoint)
+from loss import response_logps
+from model import (Transformer, add_model_args, config_from_args, configure_optimizer, lr_at,
+                   optimizer_step, save_checkpoint)
 from sample import show_samples
 
 STAGE = "sft"
+METRIC_NAMES = ("loss",)
 
 
 # ----------------------------------------------------------------------------
@@ -38,7 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--val-data", default=os.path.join(data.DATA_DIR, "sft_val.jsonl"),
                         help="SFT validation file ('' for none)")
     parser.add_argument("--tokenizer", default=data.DEFAULT_TOKENIZER,
-                        help=".tiktoken file (train one with python data.py)")
+                        help=".tiktoken file (train one with python tokenizer.py)")
     parser.add_argument("--samples", type=int, default=6,
                         help="greedy answers to held-out TinyChat prompts printed at the end")
     add_model_args(parser)
@@ -46,25 +48,6 @@ def parse_args(argv=None):
                                             lr=2e-3, warmup_steps=50, max_len=256,
                                             eval_every=200))
     return parser.parse_args(argv)
-
-
-def validation_loss(model, dataset, batch_size, ctx, dist_info):
-    """Token-mean cross-entropy over a whole data set, split over ranks."""
-    model.eval()
-    nll, count = 0.0, 0.0
-    with torch.no_grad():
-        for start in range(dist_info.rank * batch_size, len(dataset),
-                           batch_size * dist_info.world_size):
-            batch = data.collate_sft(dataset.items[start:start + batch_size], dataset.pad_id)
-            ids = batch["input_ids"].to(dist_info.device)
-            with ctx:
-                logits = model(ids)  # (B, T, V)
-            logps, n = sequence_logps(logits, ids, batch["loss_mask"].to(dist_info.device))
-            nll -= logps.sum().item()
-            count += n.sum().item()
-    model.train()
-    nll, count = training.all_reduce_sum([nll, count], dist_info.world_size, dist_info.device)
-    return nll / max(count, 1)
 
 
 def main(argv=None):
@@ -86,26 +69,23 @@ def main(argv=None):
     train_ds = data.SFTDataset(args.data, enc, args.max_len, args.skip_invalid, log)
     val_ds = (data.SFTDataset(args.val_data, enc, args.max_len, args.skip_invalid, log)
               if args.val_data else None)
-    epoch_batches = functools.lru_cache(maxsize=2)(functools.partial(
-        data.epoch_batches, train_ds.lengths(), args.batch_size, args.seed,
-        rank=dist_info.rank, world_size=dist_info.world_size, grad_accum=args.grad_accum,
-        group_by_length=args.group_by_length))
-    batches_per_epoch = len(epoch_batches(0))
-    if batches_per_epoch == 0:
+    train_lengths = train_ds.lengths()
+    order = data.BatchOrder(train_lengths, args.batch_size, args.seed, dist_info.rank,
+                            dist_info.world_size, args.grad_accum, args.group_by_length)
+    if order.steps_per_epoch == 0:
         raise SystemExit(f"{args.data}: {len(train_ds)} conversations are fewer than one "
                          f"global batch ({args.batch_size} x {dist_info.world_size})")
-    n_steps = training.total_steps(args, batches_per_epoch)
+    n_steps = training.total_steps(args, order.steps_per_epoch)
     log(f"{len(train_ds)} training conversations ({train_ds.truncated} cut to --max-len "
-        f"{args.max_len}), {batches_per_epoch} batches per epoch, {n_steps} steps")
+        f"{args.max_len}), {order.steps_per_epoch} steps per epoch, {n_steps} steps")
 
     # ------------------------------------------------------------------------
-    # 4. Model (and the training state when resuming)
-    config = config_from_args(args, enc.n_vocab)
-    model = Transformer(config)
-    resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id)
+    # 4. Model (and, with --resume, the weights of the last checkpoint)
+    model = Transformer(config_from_args(args, enc.n_vocab))
     model.to(device)
-    log(f"model: {model.num_params():,} parameters, {config}")
-    raw_model = model  # the unwrapped model: what we save
+    resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id)
+    log(f"model: {model.num_params():,} parameters, {model.config}")
+    raw_model = model  # the unwrapped model: what we save and evaluate
     model = training.wrap_model(model, args.compile, dist_info)  # compile, DDP
 
     # ------------------------------------------------------------------------
@@ -116,8 +96,8 @@ def main(argv=None):
     start_step = training.restore_training_state(resume, optimizer, scaler)
     if resume is not None:
         log(f"resumed from {ckpt_path} at step {start_step}")
-    metrics = training.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
-                                  is_main, resume is not None)
+    metrics_log = training.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
+                                      is_main, resume is not None)
 
     # ------------------------------------------------------------------------
     # 6. Training loop
@@ -126,49 +106,48 @@ def main(argv=None):
     bar = tqdm(range(start_step, end_step), initial=start_step, total=n_steps,
                disable=not is_main or args.quiet, desc=STAGE)
     for step in bar:
-        lr = training.lr_at(step, n_steps, args.lr, args.warmup_steps, args.min_lr_ratio)
+        lr = lr_at(step, n_steps, args.lr, args.warmup_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro = training.micro_batches(epoch_batches, step, args.grad_accum, batches_per_epoch)
+        micro = order(step)  # grad_accum lists of example indices
         batches = [data.collate_sft([train_ds[i] for i in idx], train_ds.pad_id)
-                   for _, idx in micro]
+                   for idx in micro]
         # Token-mean over the whole global batch: divide by the count on all ranks and
         # all micro-batches (DDP then averages the gradients over ranks, hence * world).
-        local_targets = sum(b["loss_mask"][:, 1:].sum().item() for b in batches)
-        local_tokens = sum(len(train_ds[i][0]) for _, idx in micro for i in idx)
-        global_targets, global_tokens = training.all_reduce_sum(
-            [local_targets, local_tokens], dist_info.world_size, device)
-        train_loss = torch.zeros((), device=device)
-        for k, batch in enumerate(batches):
+        local_targets = sum(mask[:, 1:].sum().item() for _, mask in batches)
+        global_targets = training.all_reduce_sum([local_targets], dist_info.world_size,
+                                                 device)[0]
+        step_metrics = {"loss": torch.zeros((), device=device)}
+        for k, (ids, mask) in enumerate(batches):
             last = k == len(batches) - 1
             sync = nullcontext() if last or dist_info.world_size == 1 else model.no_sync()
+            ids, mask = ids.to(device), mask.to(device)  # (B, T) each
             with sync:
-                ids = batch["input_ids"].to(device)  # (B, T)
                 with ctx:
-                    logits = model(ids)  # (B, T, V)
-                logps, _ = sequence_logps(logits, ids, batch["loss_mask"].to(device))
+                    logps, n_tokens = response_logps(model, ids, mask, args.chunked_head)
                 loss = -logps.sum() * dist_info.world_size / global_targets
                 scaler.scale(loss).backward()
-            train_loss += loss.detach() / dist_info.world_size
-        grad_norm, skipped = training.optimizer_step(raw_model, optimizer, scaler,
-                                                     args.grad_clip)
+            step_metrics["loss"] += loss.detach()
+            tokens_seen += sum(train_lengths[i] for i in micro[k]) * dist_info.world_size
+        grad_norm, skipped = optimizer_step(raw_model, optimizer, scaler, args.grad_clip)
         skipped_steps += skipped
-        tokens_seen += global_tokens
-        loss_value = training.all_reduce_sum([train_loss.item()], dist_info.world_size,
-                                             device)[0]
-        training.check_finite_loss(loss_value, step, args.dtype)
+        values = torch.stack([step_metrics[n] for n in METRIC_NAMES]).tolist()  # 1 host sync
+        record = training.all_reduce_mean(dict(zip(METRIC_NAMES, values)),
+                                          dist_info.world_size, device)
+        training.check_finite_loss(record["loss"], step, args.dtype)
         done = step + 1
+        elapsed = time.time() - t0
+        record.update(step=done, grad_norm=grad_norm, lr=lr, skipped_steps=skipped_steps,
+                      tokens_per_s=tokens_seen / elapsed)
         if is_main:
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
-        record = {"step": done, "loss": loss_value, "grad_norm": grad_norm, "lr": lr,
-                  "skipped_steps": skipped_steps,
-                  "tokens_per_s": tokens_seen / (time.time() - t0)}
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}")
         if val_ds is not None and (done == n_steps or
                                    (args.eval_every and done % args.eval_every == 0)):
-            record["val/loss"] = validation_loss(model, val_ds, args.batch_size, ctx, dist_info)
-            log(f"step {done}: train loss {loss_value:.4f}, val loss {record['val/loss']:.4f}")
+            record.update(evaluate(raw_model, val_ds, args, ctx, dist_info))
+            log(f"step {done}: train loss {record['loss']:.4f}, val loss "
+                f"{record['val/loss']:.4f}")
         if done % args.log_every == 0 or done == end_step or "val/loss" in record:
-            metrics.write(record)
+            metrics_log.write(record)
         if is_main and not args.no_save and (done == end_step or
                                              (args.save_every and done % args.save_every == 0)):
             save_checkpoint(ckpt_path, raw_model, tokenizer_id,
@@ -177,12 +156,30 @@ def main(argv=None):
     # ------------------------------------------------------------------------
     # 7. Save (done above at the last step) and show a few answers
     elapsed = time.time() - t0
-    log(f"done: {end_step - start_step} steps in {elapsed:.0f}s, {skipped_steps} skipped, "
-        f"{tokens_seen / max(elapsed, 1e-9):.0f} tokens/s" +
-        ("" if args.no_save else f"; saved {ckpt_path}"))
+    log(f"done: {end_step - start_step} steps in {elapsed:.1f}s, {skipped_steps} skipped; "
+        f"{tokens_seen / max(elapsed, 1e-9):.0f} tokens/s"
+        + ("" if args.no_save else f"; saved {ckpt_path}"))
     if is_main and args.samples:
         show_samples(raw_model, enc, args.samples, device)
     training.cleanup_distributed()
+
+
+def evaluate(model, dataset, args, ctx, dist_info):
+    """Token-mean cross-entropy over a held-out set, split over ranks. Runs on the
+    unwrapped model: a DDP forward on one rank only would wait for the others."""
+    model.eval()
+    totals = [0.0, 0.0]  # summed NLL, tokens
+    with torch.no_grad():
+        for idx in training.eval_batches(len(dataset), args.batch_size, dist_info):
+            ids, mask = data.collate_sft([dataset[i] for i in idx], dataset.pad_id)
+            ids, mask = ids.to(dist_info.device), mask.to(dist_info.device)
+            with ctx:
+                logps, n_tokens = response_logps(model, ids, mask, args.chunked_head)
+            totals[0] -= logps.sum().item()
+            totals[1] += n_tokens.sum().item()
+    model.train()
+    nll, count = training.all_reduce_sum(totals, dist_info.world_size, dist_info.device)
+    return {"val/loss": nll / max(count, 1)}
 
 
 if __name__ == "__main__":

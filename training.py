@@ -1,7 +1,7 @@
-"""Helpers that train_sft.py and train_dpo.py share: distributed set-up, AMP, the
-learning-rate schedule, the optimizer step with clipping and skip counting, metrics
-logging and resumable training state. The training loops themselves stay in the
-two scripts, where a reader sees them.
+"""Set-up helpers that train_sft.py and train_dpo.py share: their common flags,
+distributed set-up, AMP, metrics logging and resumable training state. Nothing
+here runs inside a training step: the loops, and everything a step calls, are
+in the two scripts, loss.py, data.py and model.py.
 
 Not run directly; see train_sft.py and train_dpo.py.
 """
@@ -54,6 +54,8 @@ def add_training_args(parser, defaults):
       help="stop (and save) after N steps of this run; the schedule still spans the whole "
       "run, so a later --resume continues it (for time-limited jobs)")
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    a("--chunked-head", action="store_true", help="log-probs through loss.ChunkedTokenLogps: "
+      "same numbers, no (N, V) logits tensor: for large vocabularies")
     a("--no-save", action="store_true", help="write no checkpoint (for timing runs)")
     a("--skip-invalid", action="store_true", help="skip bad data records (counted) instead "
       "of stopping at the first")
@@ -115,11 +117,6 @@ def restore_training_state(resume, optimizer, scaler):
     return state["step"]
 
 
-def to_device(batch, device):
-    """Move a collated batch's tensors to device; other values stay as they are."""
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def load_resume(ckpt_path, enabled, model, tokenizer_id):
     """With --resume and a checkpoint at ckpt_path: load its weights into model and return
     it (restore_training_state takes the rest later); else None."""
@@ -148,39 +145,6 @@ def make_scaler(device, dtype_name):
     return torch.amp.GradScaler(device.type, enabled=dtype_name == "float16")
 
 
-def lr_at(step, total_steps, lr, warmup_steps, min_lr_ratio):
-    """Linear warm-up to lr over warmup_steps, then cosine decay to lr * min_lr_ratio."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * cosine)
-
-
-def optimizer_step(model, optimizer, scaler, grad_clip):
-    """Unscale, clip, and step; a step with non-finite gradients is skipped, not applied.
-
-    Returns (grad_norm, skipped). With float16 the GradScaler also lowers its scale after a
-    skipped step. The gradients are zeroed either way.
-    """
-    scaler.unscale_(optimizer)  # a no-op when the scaler is disabled
-    params = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        grad_norm = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(p.grad) for p in params]))
-    grad_norm = grad_norm.item()
-    skipped = not math.isfinite(grad_norm)
-    if scaler.is_enabled():
-        scaler.step(optimizer)  # skips by itself when it found inf/NaN
-        scaler.update()
-    elif not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, skipped
-
-
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -192,6 +156,13 @@ def check_finite_loss(loss_value, step, dtype_name):
         raise NonFiniteLoss(f"loss became {loss_value} at step {step} ({dtype_name}); stopping. "
                             "The last checkpoint on disk is the last good one. Try a lower "
                             "--lr or a smaller --grad-clip.")
+
+
+def eval_batches(n, batch_size, dist_info):
+    """This rank's share of a held-out set of n examples: every world_size-th batch of
+    consecutive indices. A rank may get none; the totals are summed over ranks after."""
+    batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    return batches[dist_info.rank::dist_info.world_size]
 
 
 def all_reduce_mean(values, world_size, device):
@@ -257,23 +228,13 @@ def train_state(optimizer, scaler, step, args):
             "rng": rng_state(), "args": vars(args)}
 
 
-def total_steps(args, batches_per_epoch):
+def total_steps(args, steps_per_epoch):
     """Optimizer steps for the run: --steps, or --epochs over the data."""
     if args.steps is not None:
         return args.steps
-    return max(1, int(args.epochs * batches_per_epoch) // args.grad_accum)
+    return max(1, int(args.epochs * steps_per_epoch))
 
 
 def last_step(args, start_step, n_steps):
     """Where this run stops: the end of the schedule, or earlier with --stop-after."""
     return n_steps if args.stop_after is None else min(n_steps, start_step + args.stop_after)
-
-
-def micro_batches(batches_fn, step, grad_accum, batches_per_epoch):
-    """The grad_accum micro-batches (index lists) of optimizer step `step`; epochs roll over.
-    batches_fn(epoch) returns that epoch's batches for this rank."""
-    out = []
-    for micro in range(step * grad_accum, (step + 1) * grad_accum):
-        epoch, i = divmod(micro, batches_per_epoch)
-        out.append((epoch, batches_fn(epoch)[i]))
-    return out

@@ -174,8 +174,7 @@ def test_collate_pairs_pads_dynamically_and_shares_the_prompt(write_file, enc):
     path = write_file("p.jsonl", [{"prompt": "Q one", "chosen": "a b c d", "rejected": "e"},
                                   {"prompt": "Q", "chosen": "f", "rejected": "g h"}])
     ds = data.PreferenceDataset(path, enc)
-    batch = data.collate_pairs([ds[0], ds[1]], ds.pad_id)
-    ids, mask = batch["input_ids"], batch["loss_mask"]
+    ids, mask = data.collate_pairs([ds[0], ds[1]], ds.pad_id)
     lengths = [len(x["prompt"]) + len(x[k]) for k in ("chosen", "rejected") for x in ds]
     assert ids.shape == (4, max(lengths))  # (2B, T): the batch's longest, not a max length
     assert torch.equal(ids[0, :len(ds[0]["prompt"])], ids[2, :len(ds[0]["prompt"])])

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from loss import concatenated_logps, dpo_loss, preference_metrics, sequence_logps
+from loss import (ChosenRejected, ChunkedTokenLogps, concatenated_logps, dpo_loss,
+                  preference_metrics, sequence_logps)
 from model import ModelConfig, Transformer
 
 
@@ -67,7 +68,7 @@ def test_step_zero_loss_is_ln2_and_rewards_are_zero():
                                   beta=0.1, label_smoothing=smoothing)
         assert torch.all(losses == math.log(2))
         assert torch.all(rc == 0) and torch.all(rr == 0)
-    m = preference_metrics(losses, rc, rr, chosen, rejected)
+    m = preference_metrics(losses, rc, rr, ChosenRejected(chosen, rejected))
     assert m["rewards/accuracies"] == 0 and m["rewards/margins"] == 0  # strict >
 
 
@@ -102,8 +103,10 @@ def test_hinge_reference_free_and_sft_alpha():
     nc = torch.full_like(pc, 7.0)
     beta = 0.3
     hinge, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="hinge")
-    free, cr, _ = dpo_loss(pc, pr, rc, rr, beta=beta, reference_free=True)
-    rpo, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, sft_alpha=0.5, chosen_n_tokens=nc)
+    zero = torch.zeros_like(pc)
+    free, cr, _ = dpo_loss(pc, pr, zero, zero, beta=beta)  # what --reference-free passes
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta)
+    rpo = losses + 0.5 * (-pc / nc)  # what train_dpo.py adds with --sft-alpha 0.5
     for i in range(len(pc)):
         h = (pc[i] - rc[i] - (pr[i] - rr[i])).item()
         assert hinge[i].item() == pytest.approx(max(0.0, 1 - beta * h), abs=1e-12)
@@ -132,8 +135,7 @@ def test_concatenated_logps_equals_full_logits_path_and_names_chosen_rejected():
     mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1, 1],
                          [0, 0, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0, 0]])
     with torch.no_grad():
-        logps, n = concatenated_logps(model, {"input_ids": ids, "loss_mask": mask,
-                                              "n_pairs": 2})
+        logps, n = concatenated_logps(model, ids, mask)
         whole, whole_n = sequence_logps(model(ids), ids, mask)
     assert torch.allclose(logps.chosen, whole[:2], atol=1e-5)
     assert torch.allclose(logps.rejected, whole[2:], atol=1e-5)
@@ -153,17 +155,16 @@ def test_bench_naive_path_computes_the_same_logps_as_the_fast_path():
         seq = torch.randint(0, 37, (p + c + r,), generator=g).tolist()
         items.append({"prompt": seq[:p], "chosen": seq[p:p + c], "chosen_mask": [1] * c,
                       "rejected": seq[p + c:], "rejected_mask": [1] * r})
-    batch = data.collate_pairs(items, pad_id=39)
+    ids, mask = data.collate_pairs(items, pad_id=39)
     with torch.no_grad():
-        fast, _ = concatenated_logps(model, batch)
-        naive = bench.naive_logps(model, bench.pad_to(batch, 48, 39))
+        fast, _ = concatenated_logps(model, ids, mask)
+        naive = bench.naive_logps(model, *bench.pad_to(ids, mask, 48, 39))
     assert (fast.chosen - naive.chosen).abs().max() < 1e-5
     assert (fast.rejected - naive.rejected).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_chunked_token_logps_matches_log_softmax_values_and_gradients(dtype):
-    from model import ChunkedTokenLogps
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, requires_grad=True)
     weight = torch.randn(37, 16, requires_grad=True)

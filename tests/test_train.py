@@ -15,7 +15,7 @@ import train_dpo
 import train_sft
 import training
 from conftest import ROOT
-from model import Transformer, ModelConfig, load_checkpoint
+from model import ModelConfig, Transformer, load_checkpoint, optimizer_step
 
 SHAPE = ["--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
          "--max-seq-len", "256"]
@@ -122,19 +122,19 @@ def test_precomputed_reference_equals_on_the_fly_and_frees_the_model(files, sft_
     common = ["--steps", "5", "--batch-size", "8"]
     train_dpo.main(dpo_args(files, tmp_path / "fly", sft_ckpt, *common))
     made, seen = [], []
-    real_deepcopy, real_reference_for = train_dpo.copy.deepcopy, train_dpo.reference_for
+    real_deepcopy, real_reference_logps = train_dpo.copy.deepcopy, train_dpo.reference_logps
 
     def deepcopy(model):
         ref = real_deepcopy(model)
         made.append(weakref.ref(ref))
         return ref
 
-    def reference_for(reference, table, idx, batch, device):
+    def reference_logps(reference, table, *args):
         seen.append((reference is None, made[0]() is None))
-        return real_reference_for(reference, table, idx, batch, device)
+        return real_reference_logps(reference, table, *args)
 
     monkeypatch.setattr(train_dpo, "copy", types.SimpleNamespace(deepcopy=deepcopy))
-    monkeypatch.setattr(train_dpo, "reference_for", reference_for)
+    monkeypatch.setattr(train_dpo, "reference_logps", reference_logps)
     train_dpo.main(dpo_args(files, tmp_path / "pre", sft_ckpt, *common, "--precompute-ref"))
     assert seen and all(none and freed for none, freed in seen)
     fly, pre = weights(tmp_path / "fly/dpo.pt"), weights(tmp_path / "pre/dpo.pt")
@@ -155,7 +155,7 @@ def test_optimizer_step_skips_and_counts_non_finite_gradients():
         model.norm.weight.grad[0] = float("inf")  # injected
         before = [p.detach().clone() for p in model.parameters()]
         scale = scaler.get_scale() if scaler.is_enabled() else None
-        grad_norm, skipped = training.optimizer_step(model, optimizer, scaler, 1.0)
+        grad_norm, skipped = optimizer_step(model, optimizer, scaler, 1.0)
         assert skipped and not math.isfinite(grad_norm)
         assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
         if scale is not None:
@@ -163,7 +163,7 @@ def test_optimizer_step_skips_and_counts_non_finite_gradients():
         with training.autocast(torch.device("cpu"), dtype):  # training continues
             loss = model(x).float().logsumexp(-1).mean()
         scaler.scale(loss).backward()
-        grad_norm, skipped = training.optimizer_step(model, optimizer, scaler, 1.0)
+        grad_norm, skipped = optimizer_step(model, optimizer, scaler, 1.0)
         assert not skipped and math.isfinite(grad_norm)
         assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
