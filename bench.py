@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import tokenizer
 import training
 from loss import ChosenRejected, concatenated_logps, dpo_loss, response_logps, split_pairs
 from model import (Transformer, add_model_args, config_from_args, configure_optimizer,
@@ -62,7 +63,7 @@ def parse_args(argv=None):
                         help="which rows to run")
     parser.add_argument("--data", default=None,
                         help="preference file (with --tokenizer); default: synthetic pairs")
-    parser.add_argument("--tokenizer", default=data.DEFAULT_TOKENIZER, help=".tiktoken file")
+    parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER, help=".tiktoken file")
     parser.add_argument("--vocab-size", type=int, default=6400,
                         help="vocabulary of the synthetic pairs (ignored with --data)")
     parser.add_argument("--prompt-len", type=int, default=58, help="synthetic mean prompt len")
@@ -169,7 +170,7 @@ def run_mode(args):
     pad_to_max, ref_forward, dtype, compile_model, chunked = MODES[args.run_mode]
     torch.manual_seed(0)
     if args.data:
-        enc = data.load_tokenizer(args.tokenizer)
+        enc = tokenizer.load_tokenizer(args.tokenizer)
         items = data.PreferenceDataset(args.data, enc, args.max_len, args.max_len // 2,
                                        log=None).items
         vocab, pad_id = enc.n_vocab, enc.n_vocab - 3

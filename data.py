@@ -1,7 +1,6 @@
-"""The data side of minidpo: tokenizer, chat template, file readers, datasets, batching.
+"""The data side of minidpo: chat template, file readers, datasets, batching.
 
-1. A byte-level BPE trainer in plain Python whose result is saved in tiktoken's
-   own file format and loaded as a `tiktoken.Encoding`.
+1. (tokenizer.py: the byte-level BPE and its .tiktoken file.)
 2. The ChatML template, rendering messages to `(ids, loss_mask)`.
 3. Readers for the SFT and preference formats (JSONL or a JSON array), with
    errors that name the file, the line and the problem.
@@ -9,193 +8,24 @@
    functions with dynamic padding, and a deterministic, rank-sharded,
    optionally length-grouped batch order.
 
-Train a tokenizer on your own data:
-    python data.py --files my_sft.jsonl --vocab-size 4096 --out my.tiktoken
+Not run directly; the training scripts use it. Train a tokenizer on your own data
+with `python tokenizer.py --files my.jsonl --vocab-size 6400 --out my.tiktoken`.
 """
 
-import argparse
-import base64
-import hashlib
+import itertools
 import json
 import os
 import random
 from collections import Counter
 
-import regex  # installed with tiktoken (its own dependency); gives tiktoken's exact split
-import tiktoken
 import torch
+
+from tokenizer import (DEFAULT_TOKENIZER, ENDOFTEXT, IM_END, IM_START, SPECIAL_TOKENS,
+                       encode_text, load_tokenizer, tokenizer_identity)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")
-DEFAULT_TOKENIZER = os.path.join(DATA_DIR, "tokenizer.tiktoken")
-
-# The GPT-4 (cl100k) pre-split: text is cut into chunks (words with their leading
-# space, runs of up to 3 digits, punctuation, whitespace) and BPE never merges
-# across chunks.
-SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}|"""
-                 r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]  # ids: the last three of the vocabulary
-IGNORE_INDEX = -100  # target id that cross-entropy skips
 ROLES = ("system", "user", "assistant")
-
-# ----------------------------------------------------------------------------
-# 1. Byte-level BPE
-
-
-def _merge(ids, pair, new_id):
-    """Replace every occurrence of `pair` in `ids` by `new_id`.
-
-        >>> _merge([1, 2, 3, 1, 2], (1, 2), 256)
-        [256, 3, 256]
-    """
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
-
-
-def train_bpe(texts, vocab_size):
-    """Learn BPE merges over the bytes of `texts`; return (merges, ranks).
-
-    merges: {(id_a, id_b): new_id} in the order learnt; ranks: {token bytes: id},
-    the 256 single bytes first, then one entry per merge. vocab_size counts the
-    special tokens, so vocab_size - 256 - 3 merges are learnt.
-
-    Worked example, texts = ["aaab aaab"], 2 merges (vocab_size = 256 + 2 + 3):
-        chunks (pre-split): "aaab" x1, " aaab" x1
-        step 1: most frequent pair (97, 97) "aa" (4 times) -> 256
-                "aaab" = [256, 97, 98]    " aaab" = [32, 256, 97, 98]
-        step 2: ties at 2 ((256, 97), (97, 98)); the smallest pair wins:
-                (97, 98) "ab" -> 257      "aaab" = [256, 257]
-        merges = {(97, 97): 256, (97, 98): 257}
-
-    Counting runs over unique chunks with their counts, and each merge only
-    revisits the chunks that contain the pair, so it is fast in plain Python.
-    """
-    n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
-    if n_merges < 0:
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}")
-    chunk_counts = Counter()
-    for text in texts:
-        chunk_counts.update(regex.findall(SPLIT_PATTERN, text))
-    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
-    counts = list(chunk_counts.values())
-    pair_counts, where = Counter(), {}
-    for w, (ids, c) in enumerate(zip(words, counts)):
-        for pair in zip(ids, ids[1:]):
-            pair_counts[pair] += c
-            where.setdefault(pair, set()).add(w)
-    ranks = {bytes([i]): i for i in range(256)}
-    vocab = [bytes([i]) for i in range(256)]
-    merges = {}
-    while len(merges) < n_merges:
-        # Most frequent pair; ties go to the smallest pair so training is deterministic.
-        # A pair whose bytes are already a token would make a duplicate: skip it.
-        candidates = [(c, (-p[0], -p[1])) for p, c in pair_counts.items()
-                      if c > 0 and vocab[p[0]] + vocab[p[1]] not in ranks]
-        if not candidates:
-            raise ValueError(f"the text only supports {256 + len(merges)} merged tokens; "
-                             f"asked for vocab_size {vocab_size}")
-        _, neg = max(candidates)
-        pair = (-neg[0], -neg[1])
-        new_id = len(vocab)
-        merges[pair] = new_id
-        vocab.append(vocab[pair[0]] + vocab[pair[1]])
-        ranks[vocab[-1]] = new_id
-        for w in where.pop(pair):
-            ids, c = words[w], counts[w]
-            for p in zip(ids, ids[1:]):
-                pair_counts[p] -= c
-            words[w] = ids = _merge(ids, pair, new_id)
-            for p in zip(ids, ids[1:]):
-                pair_counts[p] += c
-                where.setdefault(p, set()).add(w)
-        del pair_counts[pair]
-    return merges, ranks
-
-
-def bpe_encode(text, merges):
-    """Slow reference encoder: apply `merges` in the order they were learnt.
-
-    tiktoken encodes by the rank of the merged bytes instead; the tests check that
-    both give the same ids. Specials are not recognised (plain text only).
-    """
-    out = []
-    for chunk in regex.findall(SPLIT_PATTERN, text):
-        ids = list(chunk.encode("utf-8"))
-        while len(ids) >= 2:
-            pair = min(zip(ids, ids[1:]), key=lambda p: merges.get(p, float("inf")))
-            if pair not in merges:
-                break
-            ids = _merge(ids, pair, merges[pair])
-        out.extend(ids)
-    return out
-
-
-def save_tiktoken(ranks, path):
-    """Write ranks in tiktoken's file format: `base64(token bytes) rank`, one per line."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="ascii", newline="\n") as f:
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
-    os.replace(tmp, path)
-
-
-def load_tokenizer(path=DEFAULT_TOKENIZER):
-    """Load a `.tiktoken` file as a `tiktoken.Encoding`; the three specials follow the ranks."""
-    ranks = {}
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1} with no gaps")
-    specials = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
-    name = os.path.splitext(os.path.basename(path))[0]
-    return tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
-                             special_tokens=specials)
-
-
-def tokenizer_identity(path=DEFAULT_TOKENIZER):
-    """What a checkpoint records to refuse a different tokenizer: file hash and vocab size."""
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    return {"sha256": digest, "vocab_size": load_tokenizer(path).n_vocab}
-
-
-def encode_text(enc, text):
-    """Encode data text with specials treated as plain bytes: a literal "<|im_end|>" typed
-    by a user cannot end a turn."""
-    return enc.encode_ordinary(text)
-
-
-def train_tokenizer_on_files(files, vocab_size, out_path):
-    """Train BPE on the message texts of SFT/preference files and save it as .tiktoken."""
-    texts = []
-    for path in files:
-        for record, _ in read_records(path):
-            texts.extend(_texts_of(record))
-    _, ranks = train_bpe(texts, vocab_size)
-    save_tiktoken(ranks, out_path)
-    return out_path
-
-
-def _texts_of(value):
-    """Every string inside a record (roles and contents), for tokenizer training."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _texts_of(v)]
-    if isinstance(value, list):
-        return [t for v in value for t in _texts_of(v)]
-    return []
 
 # ----------------------------------------------------------------------------
 # 2. The chat template (ChatML)
@@ -222,13 +52,22 @@ class Chat:
         """(ids, loss_mask) of a whole conversation; the mask is 1 on each assistant
         message's content tokens and its <|im_end|>, 0 elsewhere.
 
-        Worked example (ids shown as text):
-            [system "Be kind.", user "Hi", assistant "Hello!"] ->
-            <|im_start|>system\\nBe kind.<|im_end|>\\n     mask 0 ...
-            <|im_start|>user\\nHi<|im_end|>\\n             mask 0 ...
-            <|im_start|>assistant\\n                      mask 0 ...
-            Hello!<|im_end|>                             mask 1 ...
-            \\n                                           mask 0
+        Worked example, the runs of equal mask decoded back to text:
+
+            >>> chat = Chat(load_tokenizer())
+            >>> ids, mask = chat.render([{"role": "system", "content": "Be kind."},
+            ...                          {"role": "user", "content": "Hi"},
+            ...                          {"role": "assistant", "content": "Hello!"}])
+            >>> for on, run in itertools.groupby(zip(ids, mask), key=lambda x: x[1]):
+            ...     print(f"mask {on}: " + chat.enc.decode([t for t, _ in run]))
+            mask 0: <|im_start|>system
+            Be kind.<|im_end|>
+            <|im_start|>user
+            Hi<|im_end|>
+            <|im_start|>assistant
+            mask 1: Hello!<|im_end|>
+            mask 0:
+            <BLANKLINE>
         """
         ids, mask = [], []
         for m in messages:
@@ -275,7 +114,7 @@ def read_records(path):
     if raw.startswith(b"\xef\xbb\xbf"):
         raise ValueError(f"{path}:1: the file starts with a UTF-8 byte-order mark (BOM); "
                          "save it as UTF-8 without BOM")
-    if path.endswith(".json"):
+    if path.lower().endswith(".json"):  # .json or .JSON: one array; else JSON Lines
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -308,102 +147,164 @@ def read_records(path):
             yield RecordError(f"{where}: invalid JSON ({e.msg})", "invalid JSON"), where
 
 
-def _fail(where, problem, reason=None):
-    raise RecordError(f"{where}: {problem}", reason or problem)
+def check(where, rules, facts):
+    """Apply (holds, problem, reason) rules in order; the first whose holds(facts) is false
+    raises RecordError("where: problem"). problem and reason are templates filled from
+    facts; reason is the short form that --skip-invalid counts."""
+    for holds, problem, reason in rules:
+        if not holds(facts):
+            raise RecordError(f"{where}: {problem.format(**facts)}", reason.format(**facts))
 
 
-def _type_name(value):
+def type_name(value):
     return type(value).__name__
 
 
-def _message(m, where, field, roles=ROLES):
-    """Validate one {"role","content"} or {"from","value"} message; return {"role","content"}."""
-    if not isinstance(m, dict):
-        _fail(where, f"'{field}' must hold message objects, got {_type_name(m)}", "wrong type")
-    if "from" in m or "value" in m:  # ShareGPT
-        role_key, content_key = "from", "value"
-    else:
-        role_key, content_key = "role", "content"
-    for key in (role_key, content_key):
-        if key not in m:
-            _fail(where, f"a message in '{field}' has no '{key}'", f"missing key '{key}'")
-    role, content = m[role_key], m[content_key]
-    if not isinstance(role, str):
-        _fail(where, f"'{role_key}' must be a string, got {_type_name(role)}", "wrong type")
-    role = {"human": "user", "gpt": "assistant"}.get(role, role) if role_key == "from" else role
-    if role not in roles:
-        _fail(where, f"unknown role {m[role_key]!r} in '{field}' (expected one of "
-              f"{', '.join(roles)})", "unknown role")
-    if not isinstance(content, str):
-        _fail(where, f"'{content_key}' must be a string, got {_type_name(content)}",
-              "wrong type")
-    if not content.strip():
-        _fail(where, f"empty '{content_key}' in a {role} message in '{field}'", "empty content")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's "from" -> our role
+
+# A message is {"role", "content"} or ShareGPT's {"from", "value"}. Its facts:
+# m, field (where it sits), role_key, content_key, role, content.
+MESSAGE_RULES = [
+    (lambda f: isinstance(f["m"], dict),
+     "'{field}' must hold message objects, got {type}", "wrong type"),
+    (lambda f: f["role_key"] in f["m"],
+     "a message in '{field}' has no '{role_key}'", "missing key '{role_key}'"),
+    (lambda f: f["content_key"] in f["m"],
+     "a message in '{field}' has no '{content_key}'", "missing key '{content_key}'"),
+    (lambda f: isinstance(f["role"], str),
+     "'{role_key}' must be a string, got {role_type}", "wrong type"),
+    (lambda f: f["role"] in ROLES,
+     "unknown role {raw_role!r} in '{field}' (expected one of system, user, assistant)",
+     "unknown role"),
+    (lambda f: isinstance(f["content"], str),
+     "'{content_key}' must be a string, got {content_type}", "wrong type"),
+    (lambda f: f["content"].strip(),
+     "empty '{content_key}' in a {role} message in '{field}'", "empty content"),
+]
+
+# A list of messages (facts: value, field).
+MESSAGES_RULES = [
+    (lambda f: isinstance(f["value"], list),
+     "'{field}' must be a list of messages, got {type}", "wrong type"),
+    (lambda f: f["value"], "'{field}' is an empty list", "empty content"),
+]
+
+# A record (facts: record, and keys, the ones it must have).
+RECORD_RULES = [
+    (lambda f: isinstance(f["record"], dict),
+     "a record must be a JSON object, got {type}", "wrong type"),
+    (lambda f: not f["missing"], "missing key '{missing}'", "missing key '{missing}'"),
+]
+
+# A piece of text (facts: value, field).
+STRING_RULES = [
+    (lambda f: isinstance(f["value"], str), "'{field}' must be a string, got {type}",
+     "wrong type"),
+    (lambda f: f["value"].strip(), "'{field}' is empty", "empty content"),
+]
+
+# A response: a string, one message object or a list of messages (facts: value, field).
+RESPONSE_RULES = [
+    (lambda f: isinstance(f["value"], (str, dict, list)),
+     "'{field}' must be a string or a list of messages, got {type}", "wrong type"),
+    (lambda f: not isinstance(f["value"], str) or f["value"].strip(),
+     "'{field}' is empty", "empty content"),
+]
+
+# What a whole conversation must be (facts: record, roles of its messages, in order).
+SFT_FORMAT_RULES = [
+    (lambda f: isinstance(f["record"], dict), "a record must be a JSON object, got {type}",
+     "wrong type"),
+    (lambda f: {"messages", "conversations", "instruction"} & set(f["record"]),
+     "missing key 'messages' (or 'conversations', or Alpaca's 'instruction'/'output')",
+     "missing key 'messages'"),
+]
+SFT_RULES = [
+    (lambda f: "assistant" in f["roles"],
+     "the conversation has no assistant message to learn from", "no assistant message"),
+]
+PAIR_RULES = [  # facts: prompt, chosen, rejected roles
+    (lambda f: f["prompt"][-1:] == ["user"],
+     "the prompt must end with a user message", "prompt not ending in user"),
+    (lambda f: f["chosen"][0] == "assistant",
+     "'chosen' must start with an assistant message", "response not from assistant"),
+    (lambda f: f["rejected"][0] == "assistant",
+     "'rejected' must start with an assistant message", "response not from assistant"),
+]
+
+
+def read_message(m, where, field):
+    """One message, checked by MESSAGE_RULES -> {"role", "content"}."""
+    sharegpt = isinstance(m, dict) and ("from" in m or "value" in m)
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    raw_role = m.get(role_key) if isinstance(m, dict) else None
+    role = SHAREGPT_ROLES.get(raw_role, raw_role) if sharegpt and isinstance(raw_role, str) \
+        else raw_role
+    content = m.get(content_key) if isinstance(m, dict) else None
+    check(where, MESSAGE_RULES, dict(
+        m=m, field=field, type=type_name(m), role_key=role_key, content_key=content_key,
+        raw_role=raw_role, role=role, role_type=type_name(raw_role), content=content,
+        content_type=type_name(content)))
     return {"role": role, "content": content}
 
 
-def _messages(value, where, field):
-    if not isinstance(value, list):
-        _fail(where, f"'{field}' must be a list of messages, got {_type_name(value)}",
-              "wrong type")
-    if not value:
-        _fail(where, f"'{field}' is an empty list", "empty content")
-    return [_message(m, where, field) for m in value]
+def read_messages(value, where, field):
+    """A non-empty list of messages -> [{"role", "content"}]."""
+    check(where, MESSAGES_RULES, dict(value=value, field=field, type=type_name(value)))
+    return [read_message(m, where, field) for m in value]
 
 
-def _require(record, keys, where):
-    if not isinstance(record, dict):
-        _fail(where, f"a record must be a JSON object, got {_type_name(record)}", "wrong type")
-    for key in keys:
-        if key not in record:
-            _fail(where, f"missing key '{key}'", f"missing key '{key}'")
+def read_string(value, where, field):
+    """A non-empty string."""
+    check(where, STRING_RULES, dict(value=value, field=field, type=type_name(value)))
+    return value
+
+
+def read_response(value, where, field):
+    """A string (one assistant message), one message object, or a list of messages."""
+    check(where, RESPONSE_RULES, dict(value=value, field=field, type=type_name(value)))
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, dict):
+        return [read_message(value, where, field)]
+    return read_messages(value, where, field)
+
+
+def read_record(record, where, keys):
+    """Check that a record is an object holding `keys`."""
+    missing = [k for k in keys if not isinstance(record, dict) or k not in record]
+    check(where, RECORD_RULES, dict(record=record, type=type_name(record),
+                                   missing=missing[0] if missing else ""))
 
 
 def sft_messages(record, where):
     """One SFT record in any supported format -> a list of {"role","content"} messages.
 
     {"messages": [...]}, {"conversations": [...]} (role/content or ShareGPT from/value),
-    or Alpaca {"instruction", "input", "output"}.
+    or Alpaca {"instruction", "input", "output"}: the instruction (and the input after
+    a blank line) is the user message, the output the assistant's.
+
+        >>> user, assistant = sft_messages({"instruction": "Translate", "input": "chat",
+        ...                                 "output": "cat"}, "x")
+        >>> user
+        {'role': 'user', 'content': 'Translate\\n\\nchat'}
+        >>> assistant
+        {'role': 'assistant', 'content': 'cat'}
     """
-    if isinstance(record, dict) and "messages" in record:
-        messages = _messages(record["messages"], where, "messages")
-    elif isinstance(record, dict) and "conversations" in record:
-        messages = _messages(record["conversations"], where, "conversations")
-    elif isinstance(record, dict) and "instruction" in record:
-        _require(record, ["instruction", "output"], where)
-        parts = []
-        for key in ("instruction", "input", "output"):
-            value = record.get(key, "")
-            if not isinstance(value, str):
-                _fail(where, f"'{key}' must be a string, got {_type_name(value)}", "wrong type")
-            parts.append(value)
-        if not parts[0].strip() or not parts[2].strip():
-            _fail(where, "empty 'instruction' or 'output'", "empty content")
-        user = parts[0] + ("\n\n" + parts[1] if parts[1].strip() else "")
-        messages = [{"role": "user", "content": user},
-                    {"role": "assistant", "content": parts[2]}]
-    else:
-        _require(record, [], where)
-        _fail(where, "missing key 'messages' (or 'conversations', or Alpaca's "
-              "'instruction'/'output')", "missing key 'messages'")
-    if not any(m["role"] == "assistant" for m in messages):
-        _fail(where, "the conversation has no assistant message to learn from",
-              "no assistant message")
+    check(where, SFT_FORMAT_RULES, dict(record=record, type=type_name(record)))
+    if "messages" in record or "conversations" in record:
+        key = "messages" if "messages" in record else "conversations"
+        messages = read_messages(record[key], where, key)
+    else:  # Alpaca
+        read_record(record, where, ["instruction", "output"])
+        instruction = read_string(record["instruction"], where, "instruction")
+        output = read_string(record["output"], where, "output")
+        extra = record.get("input", "")  # optional, may be empty: the type rule only
+        check(where, STRING_RULES[:1], dict(value=extra, field="input", type=type_name(extra)))
+        user = instruction + ("\n\n" + extra if extra.strip() else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    check(where, SFT_RULES, dict(roles=[m["role"] for m in messages]))
     return messages
-
-
-def _response(value, where, field):
-    """A response given as a string, one message object, or a list of messages."""
-    if isinstance(value, str):
-        if not value.strip():
-            _fail(where, f"'{field}' is empty", "empty content")
-        return [{"role": "assistant", "content": value}]
-    if isinstance(value, dict):
-        return [_message(value, where, field)]
-    if isinstance(value, list):
-        return _messages(value, where, field)
-    _fail(where, f"'{field}' must be a string or a list of messages, got {_type_name(value)}",
-          "wrong type")
 
 
 def preference_messages(record, where):
@@ -413,32 +314,25 @@ def preference_messages(record, where):
     {"chosen": [msgs], "rejected": [msgs]} whose shared leading messages are the prompt
     (MiniMind); ShareGPT {"conversations": [...], "chosen": {...}, "rejected": {...}}.
     """
-    _require(record, ["chosen", "rejected"], where)
-    if "prompt" in record or "conversations" in record:
-        key = "prompt" if "prompt" in record else "conversations"
-        value = record[key]
-        if isinstance(value, str):
-            if not value.strip():
-                _fail(where, f"'{key}' is empty", "empty content")
-            prompt = [{"role": "user", "content": value}]
+    read_record(record, where, ["chosen", "rejected"])
+    key = next((k for k in ("prompt", "conversations") if k in record), None)
+    if key is not None:
+        if isinstance(record[key], str):
+            prompt = [{"role": "user", "content": read_string(record[key], where, key)}]
         else:
-            prompt = _messages(value, where, key)
-        chosen = _response(record["chosen"], where, "chosen")
-        rejected = _response(record["rejected"], where, "rejected")
+            prompt = read_messages(record[key], where, key)
+        chosen = read_response(record["chosen"], where, "chosen")
+        rejected = read_response(record["rejected"], where, "rejected")
     else:  # implicit prompt: the messages both conversations share
-        chosen_all = _messages(record["chosen"], where, "chosen")
-        rejected_all = _messages(record["rejected"], where, "rejected")
+        chosen_all = read_messages(record["chosen"], where, "chosen")
+        rejected_all = read_messages(record["rejected"], where, "rejected")
         n = 0
         while (n < min(len(chosen_all), len(rejected_all)) - 1
                and chosen_all[n] == rejected_all[n]):
             n += 1
         prompt, chosen, rejected = chosen_all[:n], chosen_all[n:], rejected_all[n:]
-    if not prompt or prompt[-1]["role"] != "user":
-        _fail(where, "the prompt must end with a user message", "prompt not ending in user")
-    for field, response in (("chosen", chosen), ("rejected", rejected)):
-        if response[0]["role"] != "assistant":
-            _fail(where, f"'{field}' must start with an assistant message",
-                  "response not from assistant")
+    check(where, PAIR_RULES, {name: [m["role"] for m in msgs] for name, msgs in
+                              (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))})
     return prompt, chosen, rejected
 
 
@@ -556,11 +450,16 @@ def pair_length(item):
 
 
 def pad_sequences(seqs, masks, pad_id):
-    """Right-pad to the longest sequence in the batch (never a fixed length).
+    """Right-pad to the longest sequence in the batch (never a fixed length). Padding is
+    never in the mask.
 
-        >>> pad_sequences([[5, 6, 7], [8]], [[0, 1, 1], [1]], pad_id=0)
-        (tensor([[5, 6, 7], [8, 0, 0]]), tensor([[0, 1, 1], [1, 0, 0]]))
-    Padding is never in the mask.
+        >>> ids, loss_mask = pad_sequences([[5, 6, 7], [8]], [[0, 1, 1], [1]], pad_id=0)
+        >>> ids
+        tensor([[5, 6, 7],
+                [8, 0, 0]])
+        >>> loss_mask
+        tensor([[0, 1, 1],
+                [1, 0, 0]])
     """
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
@@ -645,21 +544,3 @@ class BatchOrder:
         if epoch != self.epoch:  # one epoch's order is kept; the next is made on demand
             self.epoch, self.batches = epoch, epoch_batches(*self.args, epoch, **self.kwargs)
         return self.batches[k * self.grad_accum:(k + 1) * self.grad_accum]
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer on your "
-                                     "SFT or preference files and save it as .tiktoken.")
-    parser.add_argument("--files", nargs="+", required=True,
-                        help="JSONL/JSON files; every string in every record is used")
-    parser.add_argument("--vocab-size", type=int, default=6400,
-                        help="vocabulary size, the 3 special tokens included")
-    parser.add_argument("--out", required=True, help="output .tiktoken path")
-    args = parser.parse_args()
-    train_tokenizer_on_files(args.files, args.vocab_size, args.out)
-    enc = load_tokenizer(args.out)
-    print(f"wrote {args.out}: vocab {enc.n_vocab}")
-
-
-if __name__ == "__main__":
-    main()

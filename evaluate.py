@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import tokenizer
 import tasks
 import training
 from loss import concatenated_logps, response_logps
@@ -157,13 +158,13 @@ def main():
     parser.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward")
     parser.add_argument("--max-len", type=int, default=256, help="pair truncation (tokens)")
     parser.add_argument("--max-prompt-len", type=int, default=128, help="prompt truncation")
-    parser.add_argument("--tokenizer", default=data.DEFAULT_TOKENIZER, help=".tiktoken file")
+    parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER, help=".tiktoken file")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
 
-    enc = data.load_tokenizer(args.tokenizer)
+    enc = tokenizer.load_tokenizer(args.tokenizer)
     ref_path = args.ref or args.ckpt[0]
     models = {p: load_model(p, args.tokenizer, args.device) for p in args.ckpt}
     reference = models.get(ref_path) or load_model(ref_path, args.tokenizer, args.device)

@@ -12,6 +12,7 @@ import os
 import torch
 
 import data
+import tokenizer
 import tasks
 from model import check_tokenizer, load_checkpoint, model_from_checkpoint
 
@@ -56,7 +57,7 @@ def show_samples(model, enc, n, device):
 
 def load_model(path, enc_path, device):
     ckpt = load_checkpoint(path)
-    check_tokenizer(ckpt, data.tokenizer_identity(enc_path), path)
+    check_tokenizer(ckpt, tokenizer.tokenizer_identity(enc_path), path)
     return model_from_checkpoint(ckpt, path).to(device).eval()
 
 
@@ -68,7 +69,7 @@ def main():
                         "or held-out prompts with --compare)")
     parser.add_argument("--system", default=None, help="optional system message")
     parser.add_argument("--n", type=int, default=12, help="held-out prompts with --compare")
-    parser.add_argument("--tokenizer", default=data.DEFAULT_TOKENIZER, help=".tiktoken file")
+    parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER, help=".tiktoken file")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="longest answer")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the top k")
@@ -77,7 +78,7 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
 
-    enc = data.load_tokenizer(args.tokenizer)
+    enc = tokenizer.load_tokenizer(args.tokenizer)
     models = {args.ckpt: load_model(args.ckpt, args.tokenizer, args.device)}
     if args.compare:
         models[args.compare] = load_model(args.compare, args.tokenizer, args.device)

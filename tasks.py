@@ -34,6 +34,8 @@ import random
 import re
 import time
 
+from tokenizer import train_tokenizer_on_files
+
 # ----------------------------------------------------------------------------
 # The knowledge base: small, fixed, written here.
 
@@ -559,8 +561,6 @@ def write_jsonl(path, rows):
 
 def generate(out_dir, seed=SEED, vocab_size=VOCAB_SIZE, verbose=True):
     """Write every shipped TinyChat file and the tokenizer into out_dir (deterministic)."""
-    from data import train_tokenizer_on_files  # the tokenizer lives in data.py
-
     os.makedirs(out_dir, exist_ok=True)
     rng = random.Random(seed)
     eval_rows = make_eval(SIZES["eval_per_skill"], rng)

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import tokenizer
 import training
 from loss import (LOSS_TYPES, METRIC_NAMES, ChosenRejected, concatenated_logps, dpo_loss,
                   preference_metrics)
@@ -43,7 +44,7 @@ def parse_args(argv=None):
                         help="preference pairs (.jsonl or .json, any supported format)")
     parser.add_argument("--val-data", default=os.path.join(data.DATA_DIR, "pairs_val.jsonl"),
                         help="held-out pairs for --eval-every ('' for none)")
-    parser.add_argument("--tokenizer", default=data.DEFAULT_TOKENIZER, help=".tiktoken file")
+    parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER, help=".tiktoken file")
     parser.add_argument("--samples", type=int, default=6,
                         help="greedy answers to held-out TinyChat prompts printed at the end")
     parser.add_argument("--sft-ckpt", default="out/sft.pt",
@@ -86,8 +87,8 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------
     # 3. Data
-    enc = data.load_tokenizer(args.tokenizer)
-    tokenizer_id = data.tokenizer_identity(args.tokenizer)
+    enc = tokenizer.load_tokenizer(args.tokenizer)
+    tokenizer_id = tokenizer.tokenizer_identity(args.tokenizer)
     train_ds = data.PreferenceDataset(args.data, enc, args.max_len, args.max_prompt_len,
                                       args.skip_invalid, log)
     val_ds = (data.PreferenceDataset(args.val_data, enc, args.max_len, args.max_prompt_len,

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import tokenizer
 import training
 from loss import response_logps
 from model import (Transformer, add_model_args, config_from_args, configure_optimizer, lr_at,
@@ -39,7 +40,7 @@ def parse_args(argv=None):
                         help="SFT training file (.jsonl or .json, any supported format)")
     parser.add_argument("--val-data", default=os.path.join(data.DATA_DIR, "sft_val.jsonl"),
                         help="SFT validation file ('' for none)")
-    parser.add_argument("--tokenizer", default=data.DEFAULT_TOKENIZER,
+    parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER,
                         help=".tiktoken file (train one with python tokenizer.py)")
     parser.add_argument("--samples", type=int, default=6,
                         help="greedy answers to held-out TinyChat prompts printed at the end")
@@ -64,8 +65,8 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------
     # 3. Data
-    enc = data.load_tokenizer(args.tokenizer)
-    tokenizer_id = data.tokenizer_identity(args.tokenizer)
+    enc = tokenizer.load_tokenizer(args.tokenizer)
+    tokenizer_id = tokenizer.tokenizer_identity(args.tokenizer)
     train_ds = data.SFTDataset(args.data, enc, args.max_len, args.skip_invalid, log)
     val_ds = (data.SFTDataset(args.val_data, enc, args.max_len, args.skip_invalid, log)
               if args.val_data else None)

@@ -129,7 +129,10 @@ def load_resume(ckpt_path, enabled, model, tokenizer_id):
 
 
 def cleanup_distributed():
+    """Leave the process group once every rank is done (rank 0 may still be saving or
+    printing samples: a rank tearing down gloo before the others can abort them)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

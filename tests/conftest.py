@@ -5,14 +5,14 @@ import os
 
 import pytest
 
-import data
+import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
 def enc():
-    return data.load_tokenizer()
+    return tokenizer.load_tokenizer()
 
 
 @pytest.fixture

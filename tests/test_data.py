@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import data
+import tokenizer
 
 SYS, USER, ASSISTANT = "system", "user", "assistant"
 
@@ -167,7 +168,7 @@ def test_pairs_truncated_dropped_and_counted(write_file, enc):
         assert len(x["prompt"]) == 20
         assert len(x["prompt"]) + len(x["chosen"]) <= 30
         assert len(x["prompt"]) + len(x["rejected"]) <= 30
-    assert ds[1]["chosen"] == data.encode_text(enc, " ".join(["yes"] * 40))[:10]
+    assert ds[1]["chosen"] == tokenizer.encode_text(enc, " ".join(["yes"] * 40))[:10]
 
 
 def test_collate_pairs_pads_dynamically_and_shares_the_prompt(write_file, enc):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import tokenizer
 import evaluate
 from conftest import ROOT
 from model import Transformer, make_config, save_checkpoint
@@ -23,7 +24,7 @@ def checkpoints(tmp_path_factory):
         model = Transformer(make_config("tiny", vocab_size=1536, dim=32, n_layers=1,
                                         n_heads=4, n_kv_heads=2))
         paths.append(str(d / f"m{seed}.pt"))
-        save_checkpoint(paths[-1], model, data.tokenizer_identity())
+        save_checkpoint(paths[-1], model, tokenizer.tokenizer_identity())
     return paths
 
 
@@ -48,8 +49,8 @@ def test_report_runs_and_a_checkpoint_against_itself_ties(checkpoints, tmp_path)
     assert results[b]["sampled T=1/kl_vs_ref"] != 0.0
     # the same checkpoint twice: every sample ties, and its KL from itself is 0
     rows = evaluate.eval_prompts()[::45]
-    model = evaluate.load_model(a, data.DEFAULT_TOKENIZER, "cpu")
-    enc = data.load_tokenizer()
+    model = evaluate.load_model(a, tokenizer.DEFAULT_TOKENIZER, "cpu")
+    enc = tokenizer.load_tokenizer()
     prompts, answers = evaluate.generate_all(model, enc, rows, 3, 1.0, 6, 0, "cpu")
     prompts2, answers2 = evaluate.generate_all(model, enc, rows, 3, 1.0, 6, 0, "cpu")
     assert answers == answers2  # deterministic given the seed
