@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import data
 import tokenizer
 import training
-from loss import ChosenRejected, concatenated_logps, dpo_loss, response_logps, split_pairs
+from loss import ChosenRejected, concatenated_logps, dpo_loss, response_logps
 from model import (Transformer, add_model_args, config_from_args, configure_optimizer,
                    optimizer_step)
 from train_dpo import reference_table
@@ -129,7 +129,8 @@ def naive_logps(model, ids, mask):
     logits = model(ids)  # (2B, T, V)
     log_probs = F.log_softmax(logits.float(), dim=-1)  # (2B, T, V): a second full tensor
     token_logps = torch.gather(log_probs[:, :-1], -1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return split_pairs((token_logps * mask[:, 1:]).sum(-1))
+    logps = (token_logps * mask[:, 1:]).sum(-1)  # (2B,)
+    return ChosenRejected(*logps.chunk(2))  # rows 0..B-1 chosen, B..2B-1 rejected
 
 
 def policy_flops_per_token(config, context):
@@ -208,9 +209,9 @@ def run_mode(args):
         idx = next(batch_order)
         batch = [items[i] for i in idx]
         if args.run_mode == "sft":
-            ids, mask = data.pad_sequences([x["prompt"] + x["chosen"] for x in batch],
-                                           [[0] * len(x["prompt"]) + x["chosen_mask"]
-                                            for x in batch], pad_id)
+            ids, mask = data.collate_sft([(x["prompt"] + x["chosen"],
+                                           [0] * len(x["prompt"]) + x["chosen_mask"])
+                                          for x in batch], pad_id)
             with ctx:
                 logps, n = response_logps(step_model, ids, mask)
             (-logps.sum() / n.sum()).backward()
@@ -224,7 +225,7 @@ def run_mode(args):
             with ctx:
                 if pad_to_max:
                     policy = naive_logps(step_model, ids, mask)
-                    n_tok = split_pairs(mask[:, 1:].sum(-1).float())
+                    n_tok = ChosenRejected(*mask[:, 1:].sum(-1).float().chunk(2))
                 else:
                     policy, n_tok = concatenated_logps(step_model, ids, mask, chunked)
                 if reference is not None:

@@ -12,16 +12,15 @@ Not run directly; the training scripts use it. Train a tokenizer on your own dat
 with `python tokenizer.py --files my.jsonl --vocab-size 6400 --out my.tiktoken`.
 """
 
-import itertools
 import json
 import os
 import random
 from collections import Counter
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from tokenizer import (DEFAULT_TOKENIZER, ENDOFTEXT, IM_END, IM_START, SPECIAL_TOKENS,
-                       encode_text, load_tokenizer, tokenizer_identity)
+from tokenizer import ENDOFTEXT, IM_END, IM_START, encode_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")
@@ -54,6 +53,8 @@ class Chat:
 
         Worked example, the runs of equal mask decoded back to text:
 
+            >>> import itertools
+            >>> from tokenizer import load_tokenizer
             >>> chat = Chat(load_tokenizer())
             >>> ids, mask = chat.render([{"role": "system", "content": "Be kind."},
             ...                          {"role": "user", "content": "Hi"},
@@ -449,11 +450,11 @@ def pair_length(item):
     return 2 * len(item["prompt"]) + len(item["chosen"]) + len(item["rejected"])
 
 
-def pad_sequences(seqs, masks, pad_id):
-    """Right-pad to the longest sequence in the batch (never a fixed length). Padding is
-    never in the mask.
+def collate_sft(items, pad_id):
+    """[(ids, mask)] -> (input_ids (B, T), loss_mask (B, T)), right-padded to the longest
+    sequence of the batch (never to a fixed length). Padding is never in the mask.
 
-        >>> ids, loss_mask = pad_sequences([[5, 6, 7], [8]], [[0, 1, 1], [1]], pad_id=0)
+        >>> ids, loss_mask = collate_sft([([5, 6, 7], [0, 1, 1]), ([8], [1])], pad_id=0)
         >>> ids
         tensor([[5, 6, 7],
                 [8, 0, 0]])
@@ -461,18 +462,10 @@ def pad_sequences(seqs, masks, pad_id):
         tensor([[0, 1, 1],
                 [1, 0, 0]])
     """
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
-    loss_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (B, T)
-    for b, (s, m) in enumerate(zip(seqs, masks)):
-        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-        loss_mask[b, :len(m)] = torch.tensor(m, dtype=torch.long)
+    ids = pad_sequence([torch.tensor(i) for i, _ in items], batch_first=True,
+                       padding_value=pad_id)  # (B, T)
+    loss_mask = pad_sequence([torch.tensor(m) for _, m in items], batch_first=True)  # (B, T)
     return ids, loss_mask
-
-
-def collate_sft(items, pad_id):
-    """[(ids, mask)] -> (input_ids (B, T), loss_mask (B, T)), right-padded."""
-    return pad_sequences([i for i, _ in items], [m for _, m in items], pad_id)
 
 
 def collate_pairs(items, pad_id):
@@ -480,13 +473,16 @@ def collate_pairs(items, pad_id):
     B..2B-1 prompt+rejected, right-padded to the longest of all 2B.
 
     Returns (input_ids (2B, T), loss_mask (2B, T)); the mask is 1 on the response tokens
-    only. loss.split_pairs gives chosen and rejected back by name.
+    only. loss.concatenated_logps gives chosen and rejected back by name.
     """
     seqs = ([x["prompt"] + x["chosen"] for x in items]
             + [x["prompt"] + x["rejected"] for x in items])
     masks = ([[0] * len(x["prompt"]) + x["chosen_mask"] for x in items]
              + [[0] * len(x["prompt"]) + x["rejected_mask"] for x in items])
-    return pad_sequences(seqs, masks, pad_id)
+    ids = pad_sequence([torch.tensor(s) for s in seqs], batch_first=True,
+                       padding_value=pad_id)  # (2B, T)
+    loss_mask = pad_sequence([torch.tensor(m) for m in masks], batch_first=True)  # (2B, T)
+    return ids, loss_mask
 
 
 def epoch_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, grad_accum=1,

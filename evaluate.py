@@ -24,7 +24,6 @@ from tqdm import tqdm
 import data
 import tokenizer
 import tasks
-import training
 from loss import concatenated_logps, response_logps
 from sample import eval_prompts, load_model
 
@@ -99,8 +98,8 @@ def answer_logps(model, prompts, answers, device, batch_size=64):
     with torch.no_grad():
         for s in range(0, len(flat), batch_size):
             chunk = flat[s:s + batch_size]
-            ids, mask = data.pad_sequences([p + a for p, a in chunk],
-                                           [[0] * len(p) + [1] * len(a) for p, a in chunk], 0)
+            ids, mask = data.collate_sft([(p + a, [0] * len(p) + [1] * len(a))
+                                          for p, a in chunk], pad_id=0)
             values += response_logps(model, ids.to(device), mask.to(device))[0].tolist()
     it = iter(values)
     return [[next(it) for _ in outs] for outs in answers]

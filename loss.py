@@ -10,9 +10,9 @@ directly on preference pairs (x, y_w, y_l), with a frozen reference pi_ref:
 beta * (log pi(y|x) - log pi_ref(y|x)) is the implicit reward of y. Every
 log pi(y|x) here is a SUM over the response tokens (not a mean).
 
-Reading order: token_logps -> sequence_logps (the worked example) ->
-response_logps (what both trainers call) -> concatenated_logps (DPO's pairs)
--> dpo_loss. Not run directly; train_sft.py and train_dpo.py use it.
+Reading order: sequence_logps (the worked example) -> response_logps (the
+same, as both trainers call it) -> concatenated_logps (DPO's pairs) -> dpo_loss.
+Not run directly; train_sft.py and train_dpo.py use it.
 """
 
 from collections import namedtuple
@@ -27,17 +27,6 @@ METRIC_NAMES = ("loss", "loss/dpo", "loss/nll", "rewards/chosen", "rewards/rejec
 
 # ----------------------------------------------------------------------------
 # Log-probabilities
-
-
-def token_logps(logits, labels):
-    """log p(label) under softmax(logits), in fp32: logits (..., V), labels (...) -> (...).
-
-    logit[label] - logsumexp(logits) is log_softmax(logits)[label] without making a
-    second (..., V) tensor.
-    """
-    logits = logits.float()
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (...)
-    return picked - logits.logsumexp(dim=-1)  # (...)
 
 
 def sequence_logps(logits, labels, loss_mask):
@@ -59,9 +48,10 @@ def sequence_logps(logits, labels, loss_mask):
         >>> round(logps.item(), 5), round(math.log(1 / 2) + math.log(3 / 4), 5), n_tokens
         (-0.98083, -0.98083, tensor([2.]))
     """
-    per_token = token_logps(logits[:, :-1], labels[:, 1:])  # (B, T-1)
-    mask = loss_mask[:, 1:].float()  # (B, T-1)
-    return (per_token * mask).sum(-1), mask.sum(-1)  # (B,), (B,)
+    log_probs = logits[:, :-1].float().log_softmax(dim=-1)  # (B, T-1, V), in fp32
+    labels, mask = labels[:, 1:], loss_mask[:, 1:].float()  # (B, T-1) each
+    per_token = log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (per_token * mask).sum(-1), mask.sum(-1)  # (B,) SUM, not mean; (B,)
 
 
 def response_logps(model, ids, loss_mask, chunked_head=False):
@@ -80,30 +70,27 @@ def response_logps(model, ids, loss_mask, chunked_head=False):
         picked = model(ids[:, :-1], positions=targets, labels=labels)  # (N,) fp32
     else:
         logits = model(ids[:, :-1], positions=targets)  # (N, V): head at N positions only
-        picked = token_logps(logits, labels)  # (N,)
+        log_probs = logits.float().log_softmax(dim=-1)  # (N, V), in fp32
+        picked = log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (N,)
     per_token = torch.zeros(targets.shape, device=ids.device)  # (B, T-1)
     per_token = per_token.masked_scatter(targets, picked)  # back to its (row, position)
     return per_token.sum(-1), targets.sum(-1).float()  # (B,) SUM, not mean; (B,)
 
 
-def split_pairs(x):
-    """Rows 0..B-1 are the chosen sequences and rows B..2B-1 the rejected ones (the order
-    data.collate_pairs builds); return the two halves by name."""
-    chosen, rejected = x.chunk(2)
-    return ChosenRejected(chosen=chosen, rejected=rejected)
-
-
 def concatenated_logps(model, ids, loss_mask, chunked_head=False):
-    """One forward pass over chosen and rejected together (ids, loss_mask (2B, T), laid
-    out by data.collate_pairs). Returns (logps, n_tokens), each a ChosenRejected of (B,)
-    tensors: summed response log-probs and response token counts."""
+    """One forward pass over chosen and rejected together: ids, loss_mask (2B, T) as
+    data.collate_pairs lays them out, rows 0..B-1 chosen and rows B..2B-1 rejected.
+    Returns (logps, n_tokens), each a ChosenRejected of (B,) tensors: summed response
+    log-probs and response token counts, by name."""
     logps, n_tokens = response_logps(model, ids, loss_mask, chunked_head)  # (2B,) each
-    return split_pairs(logps), split_pairs(n_tokens)
+    B = ids.shape[0] // 2
+    return (ChosenRejected(chosen=logps[:B], rejected=logps[B:]),
+            ChosenRejected(chosen=n_tokens[:B], rejected=n_tokens[B:]))
 
 
 class ChunkedTokenLogps(torch.autograd.Function):
-    """Opt-in (--chunked-head): token_logps(hidden @ weight.T, labels) for each row of
-    hidden (N, C), with the same numbers, without ever holding the (N, V) logits.
+    """Opt-in (--chunked-head): log_softmax(hidden @ weight.T)[label] for each row of
+    hidden (N, C), the same numbers, without ever holding the (N, V) logits.
 
     Forward makes the logits a chunk of rows at a time and keeps only each row's
     logsumexp; backward remakes one chunk's logits (one extra head matmul) and forms

@@ -232,7 +232,7 @@ class Transformer(nn.Module):
         positions, a bool (B, T) mask, keeps only the rows a loss needs: the output head,
         the costliest matmul at this size, then runs at those N positions only and the
         logits are (N, V), row by row. labels (N,) with positions selects the opt-in
-        chunked head: log p(label) (N,), the same numbers as token_logps of the logits,
+        chunked head: log p(label) (N,), the same numbers as log_softmax of the logits,
         without holding them (loss.ChunkedTokenLogps)."""
         B, T = idx.shape
         start = 0 if cache is None else cache.pos

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -173,10 +174,12 @@ def main(argv=None):
             tokens_seen += sum(train_lengths[i] for i in idx) * dist_info.world_size
         grad_norm, skipped = optimizer_step(raw_model, optimizer, scaler, args.grad_clip)
         skipped_steps += skipped
-        values = torch.stack([step_metrics[n] for n in METRIC_NAMES]).tolist()  # 1 host sync
-        record = training.all_reduce_mean(dict(zip(METRIC_NAMES, values)),
-                                          dist_info.world_size, device)
-        training.check_finite_loss(record["loss"], step, args.dtype)
+        values = torch.stack([step_metrics[n] for n in METRIC_NAMES])  # (M,) on device
+        if dist_info.world_size > 1:
+            torch.distributed.all_reduce(values)  # summed over ranks: one collective
+        record = dict(zip(METRIC_NAMES, (values / dist_info.world_size).tolist()))  # 1 sync
+        if not math.isfinite(record["loss"]) and args.dtype != "float16":  # fp16: scaler skips
+            raise training.NonFiniteLoss(record["loss"], step, args.dtype)
         done = step + 1
         elapsed = time.time() - t0
         record.update(step=done, grad_norm=grad_norm, lr=lr, skipped_steps=skipped_steps,

@@ -11,6 +11,7 @@ Run:  python train_sft.py                              (TinyChat, tiny preset, ~
 """
 
 import argparse
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -111,17 +112,16 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = order(step)  # grad_accum lists of example indices
-        batches = [data.collate_sft([train_ds[i] for i in idx], train_ds.pad_id)
-                   for idx in micro]
         # Token-mean over the whole global batch: divide by the count on all ranks and
         # all micro-batches (DDP then averages the gradients over ranks, hence * world).
-        local_targets = sum(mask[:, 1:].sum().item() for _, mask in batches)
+        local_targets = sum(sum(train_ds[i][1][1:]) for idx in micro for i in idx)
         global_targets = training.all_reduce_sum([local_targets], dist_info.world_size,
                                                  device)[0]
-        step_metrics = {"loss": torch.zeros((), device=device)}
-        for k, (ids, mask) in enumerate(batches):
-            last = k == len(batches) - 1
+        step_metrics = {"loss": 0.0}
+        for k, idx in enumerate(micro):
+            last = k == len(micro) - 1
             sync = nullcontext() if last or dist_info.world_size == 1 else model.no_sync()
+            ids, mask = data.collate_sft([train_ds[i] for i in idx], train_ds.pad_id)
             ids, mask = ids.to(device), mask.to(device)  # (B, T) each
             with sync:
                 with ctx:
@@ -129,13 +129,15 @@ def main(argv=None):
                 loss = -logps.sum() * dist_info.world_size / global_targets
                 scaler.scale(loss).backward()
             step_metrics["loss"] += loss.detach()
-            tokens_seen += sum(train_lengths[i] for i in micro[k]) * dist_info.world_size
+            tokens_seen += sum(train_lengths[i] for i in idx) * dist_info.world_size
         grad_norm, skipped = optimizer_step(raw_model, optimizer, scaler, args.grad_clip)
         skipped_steps += skipped
-        values = torch.stack([step_metrics[n] for n in METRIC_NAMES]).tolist()  # 1 host sync
-        record = training.all_reduce_mean(dict(zip(METRIC_NAMES, values)),
-                                          dist_info.world_size, device)
-        training.check_finite_loss(record["loss"], step, args.dtype)
+        values = torch.stack([step_metrics[n] for n in METRIC_NAMES])  # (M,) on device
+        if dist_info.world_size > 1:
+            torch.distributed.all_reduce(values)  # summed over ranks: one collective
+        record = dict(zip(METRIC_NAMES, (values / dist_info.world_size).tolist()))  # 1 sync
+        if not math.isfinite(record["loss"]) and args.dtype != "float16":  # fp16: scaler skips
+            raise training.NonFiniteLoss(record["loss"], step, args.dtype)
         done = step + 1
         elapsed = time.time() - t0
         record.update(step=done, grad_norm=grad_norm, lr=lr, skipped_steps=skipped_steps,

@@ -8,7 +8,6 @@ Not run directly; see train_sft.py and train_dpo.py.
 
 import argparse
 import json
-import math
 import os
 import random
 from contextlib import nullcontext
@@ -149,16 +148,13 @@ def make_scaler(device, dtype_name):
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A NaN/inf loss in float32/bfloat16 training (in float16 such a step is the
+    GradScaler's to skip): training stops with this message."""
 
-
-def check_finite_loss(loss_value, step, dtype_name):
-    """Stop with a clear message when float32/bfloat16 training produces a NaN/inf loss
-    (float16 overflows are the GradScaler's job and only skip the step)."""
-    if not math.isfinite(loss_value) and dtype_name != "float16":
-        raise NonFiniteLoss(f"loss became {loss_value} at step {step} ({dtype_name}); stopping. "
-                            "The last checkpoint on disk is the last good one. Try a lower "
-                            "--lr or a smaller --grad-clip.")
+    def __init__(self, loss_value, step, dtype_name):
+        super().__init__(f"loss became {loss_value} at step {step} ({dtype_name}); stopping. "
+                         "The last checkpoint on disk is the last good one. Try a lower "
+                         "--lr or a smaller --grad-clip.")
 
 
 def eval_batches(n, batch_size, dist_info):
@@ -166,16 +162,6 @@ def eval_batches(n, batch_size, dist_info):
     consecutive indices. A rank may get none; the totals are summed over ranks after."""
     batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     return batches[dist_info.rank::dist_info.world_size]
-
-
-def all_reduce_mean(values, world_size, device):
-    """Average a dict of floats over all ranks (one collective for the whole dict)."""
-    if world_size == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: v / world_size for k, v in zip(keys, t.tolist())}
 
 
 def all_reduce_sum(values, world_size, device):

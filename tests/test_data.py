@@ -183,8 +183,8 @@ def test_collate_pairs_pads_dynamically_and_shares_the_prompt(write_file, enc):
     assert mask.sum().item() == sum(len(x["chosen"]) + len(x["rejected"]) for x in ds)
 
 
-def test_pad_sequences_worked_example():
-    ids, mask = data.pad_sequences([[5, 6, 7], [8]], [[0, 1, 1], [1]], pad_id=0)
+def test_collate_sft_worked_example():
+    ids, mask = data.collate_sft([([5, 6, 7], [0, 1, 1]), ([8], [1])], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert mask.tolist() == [[0, 1, 1], [1, 0, 0]]
 

@@ -179,10 +179,6 @@ def test_float16_dpo_runs_and_counts_skips(files, sft_ckpt, tmp_path):
 
 def test_non_finite_loss_in_float32_stops_with_a_clear_message(files, sft_ckpt, tmp_path,
                                                                monkeypatch):
-    training.check_finite_loss(1.5, 0, "float32")
-    training.check_finite_loss(float("nan"), 0, "float16")  # the scaler's job
-    with pytest.raises(training.NonFiniteLoss, match="loss became nan at step 4"):
-        training.check_finite_loss(float("nan"), 4, "float32")
     calls = []
     real_dpo_loss = train_dpo.dpo_loss
 
