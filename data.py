@@ -362,15 +362,48 @@ def load_records(path, parse, skip_invalid=False, log=print):
 # 4. Datasets, truncation, collate, batch order
 
 
-def truncate_pair(prompt, response, max_len, max_prompt_len):
-    """Cut a prompt from the left to max_prompt_len (oldest tokens go first) and the
-    response from the right so that prompt + response <= max_len. Returns new lists.
+def fit_prompt(chat, messages, max_prompt_len):
+    """Prompt ids (render_prompt) of at most max_prompt_len tokens that still follow the
+    chat template. Whole messages go first, oldest first, the system message kept while
+    it fits beside the last message; when the last message alone is too long, its
+    content is cut from the left, keeping its header and <|im_end|>.
 
-        >>> truncate_pair([1, 2, 3, 4], [5, 6, 7], max_len=5, max_prompt_len=3)
-        ([2, 3, 4], [5, 6])
+        >>> from tokenizer import load_tokenizer
+        >>> chat = Chat(load_tokenizer())
+        >>> messages = [{"role": "system", "content": "Be brief."},
+        ...             {"role": "user", "content": "Hi there"},
+        ...             {"role": "assistant", "content": "Hello! How can I help?"},
+        ...             {"role": "user", "content": "What is the capital of France?"}]
+        >>> len(chat.render_prompt(messages))
+        47
+        >>> print(chat.enc.decode(fit_prompt(chat, messages, 30)))  # the oldest turn goes
+        <|im_start|>system
+        Be brief.<|im_end|>
+        <|im_start|>user
+        What is the capital of France?<|im_end|>
+        <|im_start|>assistant
+        <BLANKLINE>
+        >>> print(chat.enc.decode(fit_prompt(chat, messages, 12)))  # then the system, the text
+        <|im_start|>user
+         capital of France?<|im_end|>
+        <|im_start|>assistant
+        <BLANKLINE>
     """
-    prompt = prompt[max(len(prompt) - max_prompt_len, 0):]
-    return prompt, response[:max(max_len - len(prompt), 0)]
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    candidates = [system + turns[start:] for start in range(len(turns))]
+    if system:
+        candidates.append(turns[-1:])  # the last message without the system message
+    for kept in candidates:
+        ids = chat.render_prompt(kept)
+        if len(ids) <= max_prompt_len:
+            return ids
+    last = turns[-1]
+    head = chat.header(last["role"])
+    tail = [chat.im_end] + chat.newline + chat.header("assistant")
+    room = max(max_prompt_len - len(head) - len(tail), 0)
+    content = encode_text(chat.enc, last["content"])
+    return head + content[len(content) - room:] + tail
 
 
 class SFTDataset:
@@ -405,8 +438,10 @@ class PreferenceDataset:
     """Tokenised preference pairs. Each item is a dict with prompt ids and, for chosen and
     rejected, response ids and mask; both share the very same prompt ids.
 
-    Truncation as in truncate_pair. Dropped and counted: pairs left with no response
-    tokens, and pairs whose chosen and rejected are identical."""
+    The prompt is cut by fit_prompt to max_prompt_len, each response from the right so
+    that prompt + response <= max_len. Dropped and counted, after truncation: pairs left
+    with no response tokens, and pairs whose chosen and rejected are identical (no
+    DPO gradient: h is 0 whatever the policy)."""
 
     def __init__(self, path, enc, max_len=256, max_prompt_len=128, skip_invalid=False,
                  log=print):
@@ -414,19 +449,17 @@ class PreferenceDataset:
         records, self.skipped = load_records(path, preference_messages, skip_invalid, log)
         self.items, self.dropped = [], Counter()
         for prompt_msgs, chosen_msgs, rejected_msgs in records:
-            prompt = chat.render_prompt(prompt_msgs)
-            chosen, chosen_mask = chat.render_response(chosen_msgs)
-            rejected, rejected_mask = chat.render_response(rejected_msgs)
-            if chosen == rejected:
-                self.dropped["identical chosen and rejected"] += 1
-                continue
-            p, chosen = truncate_pair(prompt, chosen, max_len, max_prompt_len)
-            _, rejected = truncate_pair(prompt, rejected, max_len, max_prompt_len)
-            chosen_mask, rejected_mask = chosen_mask[:len(chosen)], rejected_mask[:len(rejected)]
+            prompt = fit_prompt(chat, prompt_msgs, max_prompt_len)
+            room = max(max_len - len(prompt), 0)  # response tokens that fit after the prompt
+            chosen, chosen_mask = (x[:room] for x in chat.render_response(chosen_msgs))
+            rejected, rejected_mask = (x[:room] for x in chat.render_response(rejected_msgs))
             if sum(chosen_mask) == 0 or sum(rejected_mask) == 0:
                 self.dropped["no response tokens left"] += 1
                 continue
-            self.items.append({"prompt": p, "chosen": chosen, "chosen_mask": chosen_mask,
+            if chosen == rejected:
+                self.dropped["identical chosen and rejected"] += 1
+                continue
+            self.items.append({"prompt": prompt, "chosen": chosen, "chosen_mask": chosen_mask,
                                "rejected": rejected, "rejected_mask": rejected_mask})
         if self.dropped and log:
             log(f"{path}: dropped " + ", ".join(f"{n} pairs ({why})"

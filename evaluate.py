@@ -10,7 +10,8 @@ For each checkpoint: mean judge score overall and per skill, mean answer length
 mode) and sampled (--samples per prompt at --temperature). For the last
 checkpoint against the first: win rate (ties count half) and the KL of the
 policy from the reference, estimated on the policy's own samples as the mean of
-log pi(y|x) - log pi_ref(y|x), with its standard error.
+log pi(y|x) - log pi_ref(y|x), with its standard error (at --temperature 1 only:
+samples at another temperature do not come from pi).
 """
 
 import argparse
@@ -200,13 +201,17 @@ def main():
             if len(args.ckpt) > 1:
                 results[last][f"{mode}/win_rate_vs_first"] = win_rate(scored[first, mode],
                                                                       scored[last, mode])
-            if temperature > 0:  # KL on the policy's own samples
-                for path, model in models.items():
-                    prompts, answers = samples[path, mode]
-                    kl, se = kl_estimate(answer_logps(model, prompts, answers, args.device),
-                                         answer_logps(reference, prompts, answers, args.device))
-                    results[path][f"{mode}/kl_vs_ref"] = kl
-                    results[path][f"{mode}/kl_stderr"] = se
+            if temperature != 1.0:  # samples at T != 1 are not from pi: no KL(pi || pi_ref)
+                if temperature > 0:
+                    print(f"note: no KL for {mode}: KL(pi || pi_ref) is estimated on samples "
+                          "from pi itself, that is at --temperature 1")
+                continue
+            for path, model in models.items():  # KL on the policy's own samples
+                prompts, answers = samples[path, mode]
+                kl, se = kl_estimate(answer_logps(model, prompts, answers, args.device),
+                                     answer_logps(reference, prompts, answers, args.device))
+                results[path][f"{mode}/kl_vs_ref"] = kl
+                results[path][f"{mode}/kl_stderr"] = se
         for mode, _, _ in modes:
             keys = sorted({k for r in results.values() for k in r if k.startswith(mode + "/")},
                           key=lambda k: ("/win" in k or "/kl" in k, k))  # pair stats last

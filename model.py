@@ -12,6 +12,7 @@ SwiGLU, Shazeer 2020 (arXiv:2002.05202).
 """
 
 import argparse
+import io
 import math
 import os
 import pickle
@@ -345,32 +346,77 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 # Checkpoints: plain tensors and primitives only, written atomically, read strictly.
 
 
+CHECKPOINT_FORMAT = 1  # raise when the layout changes; newer files are refused with a reason
+
+
+def atomic_write(path, payload):
+    """Write bytes to path so that a crash or power loss leaves either the old file or the
+    new one, never a part: a temporary file, flushed and fsync'ed, then os.replace, then
+    an fsync of the folder so the rename itself is on disk."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_tensors(obj, path):
+    """torch.save, atomically (see atomic_write)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
 def save_checkpoint(path, model, tokenizer, train_state=None):
     """Write {"model": fp32 state dict, "config": dict, "tokenizer": identity, ...} to path
-    via a temporary file and os.replace, so a crash never leaves a half-written file."""
-    ckpt = {"model": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
+    atomically: a crash never leaves a half-written file."""
+    ckpt = {"format": CHECKPOINT_FORMAT,
+            "model": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
             "config": asdict(model.config), "tokenizer": dict(tokenizer)}
     if train_state is not None:
         ckpt["train_state"] = train_state
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    save_tensors(ckpt, path)
 
 
 def load_checkpoint(path):
-    """Read a checkpoint with torch.load(weights_only=True): a file that holds any pickled
-    object other than tensors and plain values is refused."""
+    """Read a checkpoint with torch.load(weights_only=True). Anything else is a ValueError
+    that names the file and says what is wrong: empty, not a checkpoint, corrupt or cut
+    short, holding pickled objects (refused: loading them could run code), or written by
+    a newer minidpo."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not magic:
+        raise ValueError(f"{path}: the file is empty (0 bytes), not a checkpoint")
+    is_zip = magic == b"PK\x03\x04"  # what torch.save writes
+    is_pickle = len(magic) > 1 and magic[0] == 0x80 and 2 <= magic[1] <= 5  # may hold objects
+    if not (is_zip or is_pickle):
+        raise ValueError(f"{path}: not a minidpo checkpoint (not a file written by torch.save)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refusing to load a checkpoint that holds pickled objects "
                          f"other than tensors and plain values ({str(e).splitlines()[0]})"
                          ) from None
-    for key in ("model", "config", "tokenizer"):
-        if not isinstance(ckpt, dict) or key not in ckpt:
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: the checkpoint is corrupt or cut short (a partial copy or "
+                         f"download?): {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path}: not a minidpo checkpoint (no 'model' entry)")
+    if ckpt.get("format", 1) > CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: written by a newer minidpo (checkpoint format "
+                         f"{ckpt['format']}; this version reads up to {CHECKPOINT_FORMAT})")
+    for key in ("config", "tokenizer"):
+        if key not in ckpt:
             raise ValueError(f"{path}: not a minidpo checkpoint (no '{key}')")
     return ckpt
 

@@ -45,14 +45,41 @@ def one_per_skill(rows, n):
     return picked
 
 
-def show_samples(model, enc, n, device):
-    """Print greedy answers to n held-out prompts with their judge scores."""
+def show_samples(model, enc, n, device, data_path, val_path, pairs=False):
+    """Print greedy answers to n held-out prompts at the end of training: TinyChat's, with
+    their judge scores, when the model trained on the shipped TinyChat data; else the
+    first prompts of the user's own held-out file (val_path), or, with none, a hint."""
     model.eval()
-    for row in one_per_skill(eval_prompts(), n):
-        answer = reply(model, enc, row["messages"], device=device)[0]
-        score = tasks.judge(row["meta"], answer)["score"]
-        print(f"[{row['meta']['skill']}] {row['messages'][-1]['content']}\n"
-              f"  -> {answer!r}  (judge {score:.2f})")
+    if os.path.dirname(os.path.realpath(data_path)) == os.path.realpath(data.DATA_DIR):
+        for row in one_per_skill(eval_prompts(), n):
+            answer = reply(model, enc, row["messages"], device=device)[0]
+            score = tasks.judge(row["meta"], answer)["score"]
+            print(f"[{row['meta']['skill']}] {row['messages'][-1]['content']}\n"
+                  f"  -> {answer!r}  (judge {score:.2f})")
+        return
+    prompts = held_out_prompts(val_path, n, pairs) if val_path else []
+    for messages in prompts:
+        answer = reply(model, enc, messages, device=device)[0]
+        print(f"[held-out] {messages[-1]['content']!r}\n  -> {answer!r}")
+    if not prompts:
+        print("to see answers: python sample.py --ckpt CHECKPOINT --tokenizer TOKENIZER "
+              "--prompt '...'")
+
+
+def held_out_prompts(path, n, pairs):
+    """The first n prompts of a held-out file: the prompts of preference pairs, or SFT
+    conversations up to their last assistant message."""
+    parse = data.preference_messages if pairs else data.sft_messages
+    records, _ = data.load_records(path, parse, skip_invalid=True, log=None)
+    prompts = []
+    for record in records:
+        if pairs:
+            prompts.append(record[0])
+        else:
+            last = max(i for i, m in enumerate(record) if m["role"] == "assistant")
+            if last > 0:
+                prompts.append(record[:last])
+    return prompts[:n]
 
 
 def load_model(path, enc_path, device):

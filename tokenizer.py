@@ -210,11 +210,14 @@ def bpe_encode(text, merges):
 
 
 def save_tiktoken(ranks, path):
-    """Write ranks in tiktoken's file format: `base64(token bytes) rank`, one per line."""
+    """Write ranks in tiktoken's file format: `base64(token bytes) rank`, one per line,
+    atomically (a temporary file, fsync'ed, then renamed)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="ascii", newline="\n") as f:
         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename (as model.atomic_write does)
     os.replace(tmp, path)
 
 

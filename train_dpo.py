@@ -29,10 +29,16 @@ from loss import (LOSS_TYPES, METRIC_NAMES, ChosenRejected, concatenated_logps, 
                   preference_metrics)
 from model import (Transformer, add_model_args, check_tokenizer, config_from_args,
                    configure_optimizer, load_checkpoint, lr_at, model_from_checkpoint,
-                   optimizer_step, save_checkpoint)
+                   optimizer_step, save_checkpoint, save_tensors)
 from sample import show_samples
 
 STAGE = "dpo"
+
+# The flags that define a run (--resume refuses to continue another; training.run_identity)
+RUN_KEYS = ("batch_size", "grad_accum", "max_len", "seed", "lr", "min_lr_ratio", "warmup_steps",
+             "weight_decay", "grad_clip", "epochs", "steps", "dtype", "group_by_length",
+             "max_prompt_len", "beta", "loss", "label_smoothing", "sft_alpha",
+             "reference_free")
 
 
 # ----------------------------------------------------------------------------
@@ -47,7 +53,8 @@ def parse_args(argv=None):
                         help="held-out pairs for --eval-every ('' for none)")
     parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER, help=".tiktoken file")
     parser.add_argument("--samples", type=int, default=6,
-                        help="greedy answers to held-out TinyChat prompts printed at the end")
+                        help="greedy answers printed at the end: to held-out TinyChat prompts "
+                        "(judged) on TinyChat data, else to the first --val-data prompts")
     parser.add_argument("--sft-ckpt", default="out/sft.pt",
                         help="SFT checkpoint: the policy's start and the reference ('' = a "
                         "fresh model shaped by --preset/--dim/..., for timing runs)")
@@ -112,7 +119,8 @@ def main(argv=None):
     reference = None
     if not args.reference_free:
         reference = copy.deepcopy(model).eval().requires_grad_(False)  # never wrapped in DDP
-    resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id)
+    run = training.run_identity(args, RUN_KEYS, dist_info.world_size, model.config)
+    resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
     log(f"model: {model.num_params():,} parameters, {model.config}")
     # DPO: --precompute-ref: every pair's reference log-probs once, then no reference model.
     ref_tables = {}
@@ -201,7 +209,7 @@ def main(argv=None):
         if is_main and not args.no_save and (done == end_step or
                                              (args.save_every and done % args.save_every == 0)):
             save_checkpoint(ckpt_path, raw_model, tokenizer_id,
-                            training.train_state(optimizer, scaler, done, args))
+                            training.train_state(optimizer, scaler, done, args, run))
 
     # ------------------------------------------------------------------------
     # 7. Save (done above at the last step) and show a few answers
@@ -210,7 +218,7 @@ def main(argv=None):
         f"{pairs_seen / max(elapsed, 1e-9):.2f} pairs/s, {tokens_seen / max(elapsed, 1e-9):.0f} "
         f"tokens/s" + ("" if args.no_save else f"; saved {ckpt_path}"))
     if is_main and args.samples:
-        show_samples(raw_model, enc, args.samples, device)
+        show_samples(raw_model, enc, args.samples, device, args.data, args.val_data, pairs=True)
     training.cleanup_distributed()
 
 
@@ -291,9 +299,7 @@ def precompute_reference(reference, train_ds, val_ds, args, ctx, dist_info, log)
         tables["val"] = reference_table(reference, val_ds, 2 * args.batch_size, ctx,
                                         dist_info)
     if dist_info.is_main:
-        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        torch.save(tables, cache_path + ".tmp")
-        os.replace(cache_path + ".tmp", cache_path)
+        save_tensors(tables, cache_path)
     log(f"reference log-probs: computed in {time.time() - t0:.1f}s, cached in {cache_path}")
     return tables
 
@@ -324,7 +330,4 @@ def file_digest(path):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except training.NonFiniteLoss as e:
-        raise SystemExit(f"error: {e}") from None
+    training.run(main)

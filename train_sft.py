@@ -30,6 +30,10 @@ from sample import show_samples
 STAGE = "sft"
 METRIC_NAMES = ("loss",)
 
+# The flags that define a run (--resume refuses to continue another; training.run_identity)
+RUN_KEYS = ("batch_size", "grad_accum", "max_len", "seed", "lr", "min_lr_ratio", "warmup_steps",
+             "weight_decay", "grad_clip", "epochs", "steps", "dtype", "group_by_length")
+
 
 # ----------------------------------------------------------------------------
 # 1. Arguments
@@ -44,7 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER,
                         help=".tiktoken file (train one with python tokenizer.py)")
     parser.add_argument("--samples", type=int, default=6,
-                        help="greedy answers to held-out TinyChat prompts printed at the end")
+                        help="greedy answers printed at the end: to held-out TinyChat prompts "
+                        "(judged) on TinyChat data, else to the first --val-data prompts")
     add_model_args(parser)
     training.add_training_args(parser, dict(out_dir="out", epochs=2.0, batch_size=32,
                                             lr=2e-3, warmup_steps=50, max_len=256,
@@ -85,7 +90,8 @@ def main(argv=None):
     # 4. Model (and, with --resume, the weights of the last checkpoint)
     model = Transformer(config_from_args(args, enc.n_vocab))
     model.to(device)
-    resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id)
+    run = training.run_identity(args, RUN_KEYS, dist_info.world_size, model.config)
+    resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
     log(f"model: {model.num_params():,} parameters, {model.config}")
     raw_model = model  # the unwrapped model: what we save and evaluate
     model = training.wrap_model(model, args.compile, dist_info)  # compile, DDP
@@ -154,7 +160,7 @@ def main(argv=None):
         if is_main and not args.no_save and (done == end_step or
                                              (args.save_every and done % args.save_every == 0)):
             save_checkpoint(ckpt_path, raw_model, tokenizer_id,
-                            training.train_state(optimizer, scaler, done, args))
+                            training.train_state(optimizer, scaler, done, args, run))
 
     # ------------------------------------------------------------------------
     # 7. Save (done above at the last step) and show a few answers
@@ -163,7 +169,7 @@ def main(argv=None):
         f"{tokens_seen / max(elapsed, 1e-9):.0f} tokens/s"
         + ("" if args.no_save else f"; saved {ckpt_path}"))
     if is_main and args.samples:
-        show_samples(raw_model, enc, args.samples, device)
+        show_samples(raw_model, enc, args.samples, device, args.data, args.val_data)
     training.cleanup_distributed()
 
 
@@ -186,7 +192,4 @@ def evaluate(model, dataset, args, ctx, dist_info):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except training.NonFiniteLoss as e:
-        raise SystemExit(f"error: {e}") from None
+    training.run(main)

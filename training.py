@@ -7,11 +7,13 @@ Not run directly; see train_sft.py and train_dpo.py.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import random
+import signal
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -116,15 +118,40 @@ def restore_training_state(resume, optimizer, scaler):
     return state["step"]
 
 
-def load_resume(ckpt_path, enabled, model, tokenizer_id):
-    """With --resume and a checkpoint at ckpt_path: load its weights into model and return
-    it (restore_training_state takes the rest later); else None."""
+def load_resume(ckpt_path, enabled, model, tokenizer_id, run):
+    """With --resume and a checkpoint at ckpt_path: check that it is the same run (see
+    run_identity), load its weights into model and return it (restore_training_state
+    takes the rest later); else None."""
     if not enabled or not os.path.exists(ckpt_path):
         return None
     resume = load_checkpoint(ckpt_path)
     check_tokenizer(resume, tokenizer_id, ckpt_path)
+    saved = resume.get("train_state", {}).get("run")
+    if saved is None:
+        raise SystemExit(f"{ckpt_path}: has no training state to resume from")
+    differences = [f"{k}: {saved.get(k)!r} in the checkpoint, {run.get(k)!r} now"
+                   for k in sorted(set(saved) | set(run)) if saved.get(k) != run.get(k)]
+    if differences:
+        raise SystemExit(f"{ckpt_path}: --resume would continue another run; it differs in\n  "
+                         + "\n  ".join(differences) + "\nResume with the same settings, or "
+                         "start a new run in another --out-dir.")
     model.load_state_dict(resume["model"], strict=True)
     return resume
+
+
+def run_identity(args, keys, world_size, config):
+    """What defines a run, so that --resume refuses to continue a different one (other
+    data, batch, schedule or loss would silently remap steps): the values of the flags in
+    `keys`, the number of processes, the model shape and the SHA-256 of each input file.
+    Flags that do not change the numbers (--eval-every, --quiet, ...) are left out."""
+    run = {k: getattr(args, k) for k in keys}
+    run.update(world_size=world_size, model=asdict(config))
+    for k in ("data", "sft_ckpt", "tokenizer"):
+        path = getattr(args, k, None)
+        if path:
+            with open(path, "rb") as f:
+                run[f"{k}_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return run
 
 
 def cleanup_distributed():
@@ -155,6 +182,29 @@ class NonFiniteLoss(RuntimeError):
         super().__init__(f"loss became {loss_value} at step {step} ({dtype_name}); stopping. "
                          "The last checkpoint on disk is the last good one. Try a lower "
                          "--lr or a smaller --grad-clip.")
+
+
+class Interrupted(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler, or torchrun stopping the other ranks)."""
+
+
+def run(main):
+    """Run a training script's main() so that it ends with one clear line, not a traceback,
+    when the loss turns non-finite or the process is asked to stop. Checkpoints are
+    written atomically, so the last one on disk is whole either way."""
+
+    def stop(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        main()
+    except NonFiniteLoss as e:
+        raise SystemExit(f"error: {e}") from None
+    except Interrupted as e:
+        raise SystemExit(f"stopped by {e}: the last checkpoint in --out-dir is intact; run "
+                         "the same command with --resume to continue from it") from None
 
 
 def eval_batches(n, batch_size, dist_info):
@@ -210,11 +260,11 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train_state(optimizer, scaler, step, args):
+def train_state(optimizer, scaler, step, args, run):
     """What --resume needs besides the weights. The data position is the step itself: the
-    batch order is a pure function of (seed, epoch), so step k says where to continue."""
+    batch order is a pure function of (seed, step) (data.BatchOrder)."""
     return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-            "rng": rng_state(), "args": vars(args)}
+            "rng": rng_state(), "args": vars(args), "run": run}
 
 
 def total_steps(args, steps_per_epoch):

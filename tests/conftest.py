@@ -1,11 +1,16 @@
-"""Shared pytest fixtures: the shipped tokenizer and a helper that writes data files."""
+"""Shared pytest fixtures and helpers: the shipped tokenizer, data files, small TinyChat
+slices, an SFT checkpoint, and running the training scripts (also under torchrun)."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 import tokenizer
+import train_sft
+from model import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,3 +37,58 @@ def write_file(tmp_path):
         return str(path)
 
     return write
+
+
+SHAPE = ["--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
+         "--max-seq-len", "256"]
+QUIET = ["--quiet", "--samples", "0", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Small slices of the shipped TinyChat files."""
+    d = tmp_path_factory.mktemp("data")
+    paths = {}
+    for name, n in [("sft_train", 256), ("sft_val", 32), ("pairs_train", 128),
+                    ("pairs_val", 32)]:
+        with open(os.path.join(ROOT, "data", f"{name}.jsonl"), encoding="utf-8") as f:
+            lines = [next(f) for _ in range(n)]
+        paths[name] = str(d / f"{name}.jsonl")
+        with open(paths[name], "w", encoding="utf-8") as f:
+            f.writelines(lines)
+    return paths
+
+
+def sft_args(files, out, *extra):
+    return ["--data", files["sft_train"], "--val-data", files["sft_val"], "--out-dir", str(out),
+            "--lr", "3e-3", "--warmup-steps", "2", *SHAPE, *QUIET, *extra]
+
+
+def dpo_args(files, out, sft_ckpt, *extra):
+    return ["--data", files["pairs_train"], "--val-data", files["pairs_val"],
+            "--out-dir", str(out), "--sft-ckpt", str(sft_ckpt), "--lr", "1e-3",
+            "--warmup-steps", "2", *QUIET, *extra]
+
+
+def torchrun(script, args, timeout=300):
+    """Run a script under torchrun with 2 processes; fail (never hang) past timeout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, script), *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    train_sft.main(sft_args(files, out, "--steps", "12", "--batch-size", "16"))
+    return out / "sft.pt"

@@ -144,12 +144,37 @@ def test_sft_bad_role_and_json_array_index(write_file, enc):
         data.SFTDataset(path, enc)
 
 
-def test_truncation_worked_example():
-    assert data.truncate_pair([1, 2, 3, 4], [5, 6, 7], max_len=5, max_prompt_len=3) == \
-        ([2, 3, 4], [5, 6])
-    assert data.truncate_pair([1, 2], [5, 6, 7], max_len=10, max_prompt_len=8) == \
-        ([1, 2], [5, 6, 7])
-    assert data.truncate_pair([1, 2, 3], [5], max_len=3, max_prompt_len=3) == ([1, 2, 3], [])
+def test_prompt_truncation_keeps_the_template_whole(enc):
+    chat = data.Chat(enc)
+    system = {"role": "system", "content": "You are a careful assistant."}
+    turns = [{"role": "user", "content": "first " * 30}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": "Now tell me about " + "word " * 40}]
+    full = chat.render_prompt([system] + turns)
+    header_user, gen = chat.header("user"), chat.header("assistant")
+    for max_prompt_len in (len(full), 80, 40, 12):
+        ids = data.fit_prompt(chat, [system] + turns, max_prompt_len)
+        assert len(ids) <= max_prompt_len
+        assert ids[:len(header_user)] == header_user or ids[:2] == chat.header("system")[:2]
+        assert ids[-len(gen):] == gen and ids[-len(gen) - 2] == chat.im_end
+        text = enc.decode(ids)
+        assert text.count("<|im_start|>") == text.count("<|im_end|>") + 1  # whole turns
+    assert data.fit_prompt(chat, [system] + turns, len(full)) == full
+    system_and_last = chat.render_prompt([system] + turns[-1:])  # oldest turns out
+    assert data.fit_prompt(chat, [system] + turns, len(system_and_last)) == system_and_last
+    last = chat.render_prompt(turns[-1:])  # then the system message
+    assert data.fit_prompt(chat, [system] + turns, len(system_and_last) - 1) == last
+    cut = data.fit_prompt(chat, [system] + turns, 12)
+    assert len(cut) == 12 and enc.decode(cut).endswith("word <|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_pairs_identical_after_truncation_are_dropped(write_file, enc):
+    tail = " ".join(["same"] * 40)
+    path = write_file("p.jsonl", [{"prompt": "Q", "chosen": tail + " good",
+                                   "rejected": tail + " bad"},
+                                  {"prompt": "Q", "chosen": "a", "rejected": "b"}])
+    assert len(data.PreferenceDataset(path, enc, max_len=100, log=None)) == 2
+    ds = data.PreferenceDataset(path, enc, max_len=30, log=None)  # the tails are cut off
+    assert len(ds) == 1 and ds.dropped == {"identical chosen and rejected": 1}
 
 
 def test_pairs_truncated_dropped_and_counted(write_file, enc):

@@ -14,62 +14,8 @@ import torch
 import train_dpo
 import train_sft
 import training
-from conftest import ROOT
+from conftest import ROOT, dpo_args, max_diff, sft_args, torchrun, weights
 from model import ModelConfig, Transformer, load_checkpoint, optimizer_step
-
-SHAPE = ["--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
-         "--max-seq-len", "256"]
-QUIET = ["--quiet", "--samples", "0", "--seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """Small slices of the shipped TinyChat files."""
-    d = tmp_path_factory.mktemp("data")
-    paths = {}
-    for name, n in [("sft_train", 256), ("sft_val", 32), ("pairs_train", 128),
-                    ("pairs_val", 32)]:
-        with open(os.path.join(ROOT, "data", f"{name}.jsonl"), encoding="utf-8") as f:
-            lines = [next(f) for _ in range(n)]
-        paths[name] = str(d / f"{name}.jsonl")
-        with open(paths[name], "w", encoding="utf-8") as f:
-            f.writelines(lines)
-    return paths
-
-
-def sft_args(files, out, *extra):
-    return ["--data", files["sft_train"], "--val-data", files["sft_val"], "--out-dir", str(out),
-            "--lr", "3e-3", "--warmup-steps", "2", *SHAPE, *QUIET, *extra]
-
-
-def dpo_args(files, out, sft_ckpt, *extra):
-    return ["--data", files["pairs_train"], "--val-data", files["pairs_val"],
-            "--out-dir", str(out), "--sft-ckpt", str(sft_ckpt), "--lr", "1e-3",
-            "--warmup-steps", "2", *QUIET, *extra]
-
-
-def torchrun(script, args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, script), *args]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
-def weights(path):
-    return load_checkpoint(path)["model"]
-
-
-def max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-@pytest.fixture(scope="module")
-def sft_ckpt(files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    train_sft.main(sft_args(files, out, "--steps", "12", "--batch-size", "16"))
-    return out / "sft.pt"
-
 
 def test_sft_two_processes_equal_one_process_with_double_batch(files, tmp_path):
     train_sft.main(sft_args(files, tmp_path / "one", "--steps", "5", "--batch-size", "8"))
