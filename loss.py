@@ -69,9 +69,9 @@ def response_logps(model, ids, loss_mask, chunked_head=False):
     if chunked_head:
         picked = model(ids[:, :-1], positions=targets, labels=labels)  # (N,) fp32
     else:
-        logits = model(ids[:, :-1], positions=targets)  # (N, V): head at N positions only
-        log_probs = logits.float().log_softmax(dim=-1)  # (N, V), in fp32
-        picked = log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (N,)
+        logits = model(ids[:, :-1], positions=targets).float()  # (N, V): N positions only
+        # log_softmax(logits)[label] = logits[label] - logsumexp(logits), without a 2nd (N, V)
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     per_token = torch.zeros(targets.shape, device=ids.device)  # (B, T-1)
     per_token = per_token.masked_scatter(targets, picked)  # back to its (row, position)
     return per_token.sum(-1), targets.sum(-1).float()  # (B,) SUM, not mean; (B,)
