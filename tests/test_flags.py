@@ -1,0 +1,125 @@
+"""Every command-line flag, passed the way a user passes it, with its effect checked where
+a number can show it (the loss of each --loss at step 0, the schedule's last lr, ...)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train_dpo
+import train_sft
+from conftest import ROOT, SHAPE, dpo_args, max_diff, sft_args, weights
+from model import load_checkpoint
+from tokenizer import DEFAULT_TOKENIZER
+
+
+def records(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def run_script(script, *args, timeout=180):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("loss, beta, smoothing, step0", [
+    ("sigmoid", 0.1, 0.0, math.log(2)),  # -log sigma(0)
+    ("sigmoid", 0.1, 0.2, math.log(2)),  # conservative: ln 2 too at h = 0
+    ("ipo", 0.1, 0.0, (1 / (2 * 0.1)) ** 2),  # (0 - 1/(2 beta))^2 = 25
+    ("hinge", 0.5, 0.0, 1.0),  # max(0, 1 - 0)
+])
+def test_each_loss_flag_gives_its_formula_at_step_zero(files, sft_ckpt, tmp_path, loss, beta,
+                                                        smoothing, step0):
+    train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "2", "--batch-size", "4",
+                            "--loss", loss, "--beta", str(beta), "--label-smoothing",
+                            str(smoothing), "--sft-alpha", "0", "--log-every", "1"))
+    assert records(tmp_path / "dpo/metrics.jsonl")[0]["loss"] == pytest.approx(step0, rel=1e-6)
+
+
+def test_chunked_head_trains_the_same_weights(files, sft_ckpt, tmp_path):
+    common = ["--steps", "3", "--batch-size", "4", "--precompute-ref", "--group-by-length"]
+    train_dpo.main(dpo_args(files, tmp_path / "plain", sft_ckpt, *common))
+    train_dpo.main(dpo_args(files, tmp_path / "chunked", sft_ckpt, *common, "--chunked-head"))
+    assert max_diff(weights(tmp_path / "plain/dpo.pt"), weights(tmp_path / "chunked/dpo.pt")) < 1e-5
+
+
+def test_max_prompt_len_and_skip_invalid_through_the_script(files, sft_ckpt, tmp_path,
+                                                           capsys):
+    bad = tmp_path / "pairs.jsonl"
+    with open(files["pairs_train"], encoding="utf-8") as f:
+        bad.write_text(f.read() + '{"prompt": "Q", "chosen": 5, "rejected": "b"}\n',
+                       encoding="utf-8")
+    args = dpo_args(files, tmp_path, sft_ckpt, "--steps", "1", "--batch-size", "4",
+                    "--skip-invalid", "--max-prompt-len", "16", "--no-save")
+    args[args.index("--data") + 1] = str(bad)
+    train_dpo.main(args)
+    out = capsys.readouterr().out
+    assert "skipped 1 invalid records: 1 wrong type" in out
+    short = float(out.split("pairs (")[1].split(" tokens")[0])
+    train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "1", "--batch-size", "4",
+                            "--no-save"))
+    assert short < float(capsys.readouterr().out.split("pairs (")[1].split(" tokens")[0])
+    assert not os.path.exists(tmp_path / "dpo.pt")  # --no-save
+
+
+def test_schedule_and_optimizer_flags_through_sft(files, tmp_path):
+    # 256 conversations / 32 = 8 steps an epoch; --epochs 0.5 = 4 steps. The last one
+    # (index 3, 2/3 of the way after 1 warm-up step) has lr 3e-3 * (0.5 + 0.5 * 0.5 *
+    # (1 + cos(2 pi / 3))) = 1.875e-3 with --min-lr-ratio 0.5 (0.1 would give 1.425e-3).
+    # --grad-clip 0 still logs the norm.
+    train_sft.main(sft_args(files, tmp_path, "--epochs", "0.5", "--batch-size", "32",
+                            "--warmup-steps", "1", "--min-lr-ratio", "0.5", "--grad-clip", "0",
+                            "--weight-decay", "0", "--no-group-by-length", "--device", "cpu",
+                            "--tokenizer", DEFAULT_TOKENIZER, "--preset", "tiny",
+                            "--log-every", "1"))
+    log = records(tmp_path / "sft/metrics.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert log[-1]["lr"] == pytest.approx(1.875e-3, rel=1e-6)
+    assert all(r["grad_norm"] > 0 for r in log)
+
+
+def test_compile_gives_the_eager_losses(files, tmp_path):
+    common = ["--steps", "2", "--batch-size", "4", "--log-every", "1", "--val-data", ""]
+    train_sft.main(sft_args(files, tmp_path / "eager", *common))
+    run_script("train_sft.py", *sft_args(files, tmp_path / "compiled", *common, "--compile"),
+               timeout=600)
+    eager = records(tmp_path / "eager/sft/metrics.jsonl")
+    compiled = records(tmp_path / "compiled/sft/metrics.jsonl")
+    for a, b in zip(eager, compiled):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_sample_flags(sft_ckpt, tmp_path):
+    other = tmp_path / "other.pt"
+    other.write_bytes(sft_ckpt.read_bytes())
+    out = run_script("sample.py", "--ckpt", str(sft_ckpt), "--compare", str(other), "--n",
+                     "2", "--max-new-tokens", "4", "--tokenizer", DEFAULT_TOKENIZER,
+                     "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "1")
+    assert out.count("sft.pt:") == out.count("other.pt:") == 2  # 2 prompts x 2 checkpoints
+    out = run_script("sample.py", "--ckpt", str(sft_ckpt), "--system", "Be brief.",
+                     "--prompt", "What is 7 + 5?", "--max-new-tokens", "4", "--device", "cpu")
+    assert out.count("sft.pt:") == 1
+
+
+def test_evaluate_on_your_own_prompt_file(sft_ckpt, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    with open(os.path.join(ROOT, "data", "eval_prompts.jsonl"), encoding="utf-8") as f:
+        prompts.write_text("".join(f.readlines()[:3]), encoding="utf-8")
+    out = run_script("evaluate.py", "--ckpt", str(sft_ckpt), "--prompts", str(prompts),
+                     "--samples", "0", "--max-new-tokens", "4")
+    assert "greedy on 3 held-out prompts" in out
+
+
+def test_shape_flags_reach_the_model(files, tmp_path):
+    train_sft.main(sft_args(files, tmp_path, "--steps", "1", "--batch-size", "4",
+                            "--ffn-dim", "48", "--rope-theta", "10000", "--norm-eps", "1e-6"))
+    config = load_checkpoint(str(tmp_path / "sft.pt"))["config"]
+    assert (config["dim"], config["n_layers"], config["ffn_dim"]) == (32, 2, 48)
+    assert config["rope_theta"] == 10000 and config["norm_eps"] == 1e-6
+    assert SHAPE[SHAPE.index("--max-seq-len") + 1] == str(config["max_seq_len"])
