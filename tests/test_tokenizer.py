@@ -45,13 +45,17 @@ def test_vocab_size_exactly_as_requested(tmp_path):
     assert tokenizer.load_tokenizer().n_vocab == 1536  # the shipped one (tasks.VOCAB_SIZE)
 
 
-def test_trainer_encode_agrees_with_tiktoken_on_tinychat(tmp_path):
+def tinychat_texts(n_conversations):
+    """The message texts of the first conversations of the shipped SFT file."""
     texts = []
     with open(os.path.join(ROOT, "data", "sft_train.jsonl"), encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i == 3000:
-                break
+        for _, line in zip(range(n_conversations), f):
             texts += [m["content"] for m in json.loads(line)["messages"]]
+    return texts
+
+
+def test_trainer_encode_agrees_with_tiktoken_on_tinychat(tmp_path):
+    texts = tinychat_texts(3000)
     merges, ranks = tokenizer.train_bpe(texts[:2000], 700)
     path = str(tmp_path / "small.tiktoken")
     tokenizer.save_tiktoken(ranks, path)
@@ -61,12 +65,7 @@ def test_trainer_encode_agrees_with_tiktoken_on_tinychat(tmp_path):
 
 
 def test_fast_trainer_learns_the_naive_trainers_merges():
-    texts = []
-    with open(os.path.join(ROOT, "data", "sft_train.jsonl"), encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i == 300:
-                break
-            texts += [m["content"] for m in json.loads(line)["messages"]]
+    texts = tinychat_texts(300)
     # overlapping pairs, CJK runs (long chunks), 4-byte characters
     texts += ["aaaa aaaaa abab ababab", "中文的文本，中文也可以。",
               "日本語のテキスト", "emoji 🤖🎉 and 1234567 digits", "ééé ééé"]
