@@ -190,7 +190,7 @@ MESSAGES_RULES = [
     (lambda f: f["value"], "'{field}' is an empty list", "empty content"),
 ]
 
-# A record (facts: record, and keys, the ones it must have).
+# A record (facts: record, type, missing: the first required key it lacks).
 RECORD_RULES = [
     (lambda f: isinstance(f["record"], dict),
      "a record must be a JSON object, got {type}", "wrong type"),
@@ -212,7 +212,7 @@ RESPONSE_RULES = [
      "'{field}' is empty", "empty content"),
 ]
 
-# What a whole conversation must be (facts: record, roles of its messages, in order).
+# An SFT record must be in one of the known formats (facts: record, type).
 SFT_FORMAT_RULES = [
     (lambda f: isinstance(f["record"], dict), "a record must be a JSON object, got {type}",
      "wrong type"),
@@ -220,6 +220,7 @@ SFT_FORMAT_RULES = [
      "missing key 'messages' (or 'conversations', or Alpaca's 'instruction'/'output')",
      "missing key 'messages'"),
 ]
+# What a whole conversation must be (facts: roles, of its messages in order).
 SFT_RULES = [
     (lambda f: "assistant" in f["roles"],
      "the conversation has no assistant message to learn from", "no assistant message"),
@@ -239,8 +240,9 @@ def read_message(m, where, field):
     sharegpt = isinstance(m, dict) and ("from" in m or "value" in m)
     role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
     raw_role = m.get(role_key) if isinstance(m, dict) else None
-    role = SHAREGPT_ROLES.get(raw_role, raw_role) if sharegpt and isinstance(raw_role, str) \
-        else raw_role
+    role = raw_role
+    if sharegpt and isinstance(raw_role, str):
+        role = SHAREGPT_ROLES.get(raw_role, raw_role)  # human -> user, gpt -> assistant
     content = m.get(content_key) if isinstance(m, dict) else None
     check(where, MESSAGE_RULES, dict(
         m=m, field=field, type=type_name(m), role_key=role_key, content_key=content_key,
