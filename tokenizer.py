@@ -114,14 +114,13 @@ def train_bpe_naive(texts, vocab_size):
     merges = {}
     while len(merges) < n_merges_for(vocab_size):
         counts = Counter(p for ids in chunks for p in zip(ids, ids[1:]))  # every pair
-        # Most frequent; ties go to the smallest pair. A pair whose bytes are already a
-        # token (reached by another route) would be a duplicate: not a candidate.
-        candidates = [(c, (-p[0], -p[1])) for p, c in counts.items()
-                      if vocab[p[0]] + vocab[p[1]] not in ranks]
+        # A pair whose bytes are already a token (reached by another route) would be a
+        # duplicate: not a candidate.
+        candidates = [p for p in counts if vocab[p[0]] + vocab[p[1]] not in ranks]
         if not candidates:
             raise ValueError(f"the text only supports {256 + len(merges)} merged tokens; "
                              f"asked for vocab_size {vocab_size}")
-        pair = tuple(-i for i in max(candidates)[1])
+        pair = min(candidates, key=lambda p: (-counts[p], p))  # most frequent, then smallest
         merges[pair] = len(vocab)
         vocab.append(vocab[pair[0]] + vocab[pair[1]])
         ranks[vocab[-1]] = merges[pair]
