@@ -125,8 +125,8 @@ def main(argv=None):
     # DPO: --precompute-ref: every pair's reference log-probs once, then no reference model.
     ref_tables = {}
     if args.precompute_ref and reference is not None:
-        ref_tables = precompute_reference(reference, train_ds, val_ds, args, ctx, dist_info,
-                                          log)
+        ref_tables = precompute_reference(reference, train_ds, val_ds, args, run, ctx,
+                                          dist_info, log)
         reference = None  # freed: no reference forward during training
     raw_model = model  # the unwrapped model: what we save and evaluate
     model = training.wrap_model(model, args.compile, dist_info)  # compile, DDP
@@ -278,14 +278,15 @@ def reference_logps(reference, ref_table, idx, ids, mask, args):
         return concatenated_logps(reference, ids, mask, args.chunked_head)[0]
 
 
-def precompute_reference(reference, train_ds, val_ds, args, ctx, dist_info, log):
+def precompute_reference(reference, train_ds, val_ds, args, run, ctx, dist_info, log):
     """--precompute-ref: the reference's (chosen, rejected) log-probs of every training and
     held-out pair, {"train": (N, 2), "val": (M, 2)}, cached on disk under a key of
-    everything they depend on (SFT weights, data files, tokenisation, dtype)."""
+    everything they depend on (SFT weights, data files, tokenisation, dtype); the file
+    hashes come from `run` (training.run_identity), which has them already."""
     key = hashlib.sha256("|".join([
-        file_digest(args.sft_ckpt) if args.sft_ckpt else f"random-init-seed{args.seed}-"
-        f"{reference.config}", file_digest(args.data),
-        file_digest(args.val_data) if val_ds else "", file_digest(args.tokenizer),
+        run["sft_ckpt_sha256"] if args.sft_ckpt else f"random-init-seed{args.seed}-"
+        f"{reference.config}", run["data_sha256"],
+        training.file_digest(args.val_data) if val_ds else "", run["tokenizer_sha256"],
         str(args.max_len), str(args.max_prompt_len), args.dtype,
         str(args.skip_invalid)]).encode()).hexdigest()[:16]
     cache_path = os.path.join(args.out_dir, STAGE, f"ref_logps_{key}.pt")
@@ -322,11 +323,6 @@ def reference_table(reference, dataset, batch_size, ctx, dist_info):
     if dist_info.world_size > 1:
         torch.distributed.all_reduce(out)
     return out.float().cpu()
-
-
-def file_digest(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 if __name__ == "__main__":

@@ -149,9 +149,14 @@ def run_identity(args, keys, world_size, config):
     for k in ("data", "sft_ckpt", "tokenizer"):
         path = getattr(args, k, None)
         if path:
-            with open(path, "rb") as f:
-                run[f"{k}_sha256"] = hashlib.sha256(f.read()).hexdigest()
+            run[f"{k}_sha256"] = file_digest(path)
     return run
+
+
+def file_digest(path):
+    """SHA-256 of a file's bytes, as hex."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def cleanup_distributed():
