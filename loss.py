@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 
 ChosenRejected = namedtuple("ChosenRejected", ["chosen", "rejected"])
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-METRIC_NAMES = ("loss", "loss/dpo", "loss/nll", "rewards/chosen", "rewards/rejected",
+LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "norm", "dpop", "simpo", "rdpo", "bco_pair",
+              "nca_pair", "apo_zero", "sppo_hard", "orpo")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # they never read the reference's log-probs
+METRIC_NAMES = ("loss", "loss/dpo", "loss/nll", "loss/aux", "rewards/chosen", "rewards/rejected",
                 "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 
 # ----------------------------------------------------------------------------
@@ -143,17 +145,44 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
              reference_rejected_logps, beta, loss_type="sigmoid", label_smoothing=0.0,
-             chosen_n_tokens=None, rejected_n_tokens=None):
+             chosen_n_tokens=None, rejected_n_tokens=None, dpop_lambda=50.0,
+             simpo_gamma=0.5, rdpo_alpha=0.01, bco_delta=0.0):
     """Per-pair losses and detached rewards. All log-probs are (B,) SUMS over response
-    tokens; the token counts (B,) are needed by "ipo" only.
+    tokens; the token counts (B,) are needed by the per-token variants. With r_w and
+    r_l the log-ratios log pi(y|x) - log pi_ref(y|x) of the chosen and rejected answers,
+    h = r_w - r_l, avg(.) a log-prob divided by its answer's token count, |y| that count:
 
       sigmoid  -log sigma(beta h)                      Rafailov et al. 2023, Eq. 7
                with label_smoothing eps (conservative DPO, Mitchell 2023):
                -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+      robust   [-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps), an
+               unbiased loss under a share eps of flipped labels (Chowdhury et al. 2024,
+               arXiv:2403.00409; eps = label_smoothing)
       ipo      (h_avg - 1/(2 beta))^2, h_avg: h from per-token AVERAGED log-probs
                (Azar et al. 2023, arXiv:2310.12036)
       hinge    max(0, 1 - beta h)   (SLiC-HF, Zhao et al. 2023, arXiv:2305.10425;
                RSO, Liu et al. 2023, arXiv:2309.06657)
+      norm     -log sigma(beta h_avg): length-normalised DPO (Tulu 3, Lambert et al. 2024,
+               arXiv:2411.15124)
+      dpop     -log sigma(beta (h - lambda max(0, log pi_ref(y_w) - log pi(y_w)))): a
+               penalty once the chosen answer falls below the reference (DPO-Positive,
+               Smaug, Pal et al. 2024, arXiv:2402.13228; lambda = dpop_lambda)
+      simpo    -log sigma(beta avg(log pi(y_w)) - beta avg(log pi(y_l)) - gamma): no
+               reference, a target margin gamma (Meng et al. 2024, arXiv:2405.14734)
+      rdpo     -log sigma(beta h - alpha (|y_w| - |y_l|)): longer chosen answers must
+               earn their length (R-DPO, Park et al. 2024, arXiv:2403.19159)
+      bco_pair -log sigma(beta r_w - delta) - log sigma(-(beta r_l - delta)), delta a
+               running mean of the rewards, kept by the trainer (Jung et al. 2024,
+               arXiv:2404.04656)
+      nca_pair -log sigma(beta r_w) - 1/2 log sigma(-beta r_w) - 1/2 log sigma(-beta r_l)
+               (Chen et al. 2024, arXiv:2402.05369)
+      apo_zero (1 - sigma(beta r_w)) + sigma(beta r_l): chosen up, rejected down, each on
+               its own (D'Oosterlinck et al. 2024, arXiv:2408.06266)
+      sppo_hard (r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2 (Wu et al. 2024,
+               arXiv:2405.00675)
+      orpo     -avg(log pi(y_w)) - beta log sigma(log odds(y_w) - log odds(y_l)), odds(y) =
+               p / (1 - p) with p = exp(avg(log pi(y))); no reference (Hong et al. 2024,
+               arXiv:2403.07691; beta is the paper's lambda)
 
     Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards being
     beta * (log pi(y|x) - log pi_ref(y|x)), detached.
@@ -166,18 +195,54 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         losses = -F.logsigmoid(beta * h)  # Eq. 7
         if label_smoothing > 0:  # conservative DPO: a share eps of the labels is flipped
             losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":  # per-token averages: h_avg = h with each logps / its length
-        h_avg = ((policy_chosen_logps - reference_chosen_logps) / chosen_n_tokens
-                 - (policy_rejected_logps - reference_rejected_logps) / rejected_n_tokens)
-        losses = (h_avg - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * h)
-    else:
+    elif loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
+    else:
+        # The variants below name the two log-ratios (r_w, r_l) and per-token averages.
+        r_w = policy_chosen_logps - reference_chosen_logps  # (B,)
+        r_l = policy_rejected_logps - reference_rejected_logps  # (B,)
+        n_w, n_l = chosen_n_tokens, rejected_n_tokens
+        eps = label_smoothing
+        if loss_type == "robust":
+            losses = ((1 - eps) * -F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)
+                      ) / (1 - 2 * eps)
+        elif loss_type == "ipo":  # per-token averages: h_avg = h with each logps / its length
+            losses = (r_w / n_w - r_l / n_l - 1 / (2 * beta)) ** 2
+        elif loss_type == "hinge":
+            losses = torch.relu(1 - beta * h)
+        elif loss_type == "norm":
+            losses = -F.logsigmoid(beta * (r_w / n_w - r_l / n_l))
+        elif loss_type == "dpop":
+            losses = -F.logsigmoid(beta * (h - dpop_lambda * torch.relu(-r_w)))
+        elif loss_type == "simpo":
+            losses = -F.logsigmoid(beta * (policy_chosen_logps / n_w
+                                           - policy_rejected_logps / n_l) - simpo_gamma)
+        elif loss_type == "rdpo":
+            losses = -F.logsigmoid(beta * h - rdpo_alpha * (n_w - n_l))
+        elif loss_type == "bco_pair":
+            losses = -F.logsigmoid(beta * r_w - bco_delta) - F.logsigmoid(-(beta * r_l - bco_delta))
+        elif loss_type == "nca_pair":
+            losses = (-F.logsigmoid(beta * r_w) - 0.5 * F.logsigmoid(-beta * r_w)
+                      - 0.5 * F.logsigmoid(-beta * r_l))
+        elif loss_type == "apo_zero":
+            losses = (1 - torch.sigmoid(beta * r_w)) + torch.sigmoid(beta * r_l)
+        elif loss_type == "sppo_hard":
+            losses = (r_w - 1 / (2 * beta)) ** 2 + (r_l + 1 / (2 * beta)) ** 2
+        elif loss_type == "orpo":
+            avg_w, avg_l = policy_chosen_logps / n_w, policy_rejected_logps / n_l
+            log_odds = (avg_w - log1mexp(avg_w)) - (avg_l - log1mexp(avg_l))
+            losses = -avg_w - beta * F.logsigmoid(log_odds)
 
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def log1mexp(x):
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012): log(-expm1(x))
+    near 0, log1p(-exp(x)) far below. x is clamped just under 0, where 1 - e^x is 0."""
+    x = x.clamp(max=-1e-6)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def preference_metrics(losses, chosen_rewards, rejected_rewards, policy_logps):

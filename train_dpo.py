@@ -25,8 +25,8 @@ from tqdm import tqdm
 import data
 import tokenizer
 import training
-from loss import (LOSS_TYPES, METRIC_NAMES, ChosenRejected, concatenated_logps, dpo_loss,
-                  preference_metrics)
+from loss import (LOSS_TYPES, METRIC_NAMES, REFERENCE_FREE_LOSSES, ChosenRejected,
+                  concatenated_logps, dpo_loss, preference_metrics)
 from model import (Transformer, add_model_args, check_tokenizer, config_from_args,
                    configure_optimizer, load_checkpoint, lr_at, model_from_checkpoint,
                    optimizer_step, save_checkpoint, save_tensors)
@@ -38,7 +38,8 @@ STAGE = "dpo"
 RUN_KEYS = ("batch_size", "grad_accum", "max_len", "seed", "lr", "min_lr_ratio", "warmup_steps",
              "weight_decay", "grad_clip", "epochs", "steps", "dtype", "group_by_length",
              "max_prompt_len", "beta", "loss", "label_smoothing", "sft_alpha",
-             "reference_free")
+             "reference_free", "dpop_lambda", "simpo_gamma", "rdpo_alpha", "sync_ref_every",
+             "sync_ref_alpha")
 
 
 # ----------------------------------------------------------------------------
@@ -61,9 +62,24 @@ def parse_args(argv=None):
     parser.add_argument("--beta", type=float, default=0.1,
                         help="DPO beta: strength of the KL penalty to the reference")
     parser.add_argument("--loss", default="sigmoid", choices=LOSS_TYPES,
-                        help="sigmoid (DPO, Eq. 7), ipo or hinge")
+                        help="sigmoid is DPO (Eq. 7); the others are its variants, each "
+                        "with its formula and paper in loss.dpo_loss")
     parser.add_argument("--label-smoothing", type=float, default=0.0,
-                        help="conservative DPO: assumed share of flipped labels")
+                        help="conservative DPO (sigmoid) and robust DPO: assumed share of "
+                        "flipped labels")
+    parser.add_argument("--dpop-lambda", type=float, default=50.0,
+                        help="dpop: weight of the penalty on a chosen answer less likely "
+                        "than under the reference")
+    parser.add_argument("--simpo-gamma", type=float, default=0.5,
+                        help="simpo: target reward margin gamma")
+    parser.add_argument("--rdpo-alpha", type=float, default=0.01,
+                        help="rdpo: penalty per token the chosen answer is longer")
+    parser.add_argument("--sync-ref-every", type=int, default=0,
+                        help="TR-DPO: every N steps the reference moves towards the policy "
+                        "(0: a fixed reference, as in DPO)")
+    parser.add_argument("--sync-ref-alpha", type=float, default=1.0,
+                        help="TR-DPO: reference <- alpha * policy + (1 - alpha) * reference "
+                        "(1: a hard copy)")
     parser.add_argument("--sft-alpha", type=float, default=1.0,
                         help="RPO: weight of the chosen answers' token-mean NLL; keeps the "
                         "chosen answers likely (and ending), see README (0 = plain DPO)")
@@ -78,7 +94,17 @@ def parse_args(argv=None):
     training.add_training_args(parser, dict(out_dir="out", epochs=1.0, batch_size=8,
                                             lr=5e-5, warmup_steps=20, max_len=256,
                                             eval_every=100))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.sync_ref_every and (args.precompute_ref or args.reference_free
+                                or args.loss in REFERENCE_FREE_LOSSES):
+        parser.error("--sync-ref-every moves the reference during training: it needs a "
+                     "reference model, so not --precompute-ref (reference log-probs computed "
+                     f"once), --reference-free or --loss {'/'.join(REFERENCE_FREE_LOSSES)}")
+    if not 0 < args.sync_ref_alpha <= 1:
+        parser.error("--sync-ref-alpha must be in (0, 1]")
+    if not 0 <= args.label_smoothing < 0.5:
+        parser.error("--label-smoothing must be in [0, 0.5)")
+    return args
 
 
 def main(argv=None):
@@ -117,7 +143,7 @@ def main(argv=None):
     model = policy_from_sft(args, enc.n_vocab, tokenizer_id)
     model.to(device)
     reference = None
-    if not args.reference_free:
+    if not args.reference_free and args.loss not in REFERENCE_FREE_LOSSES:
         reference = copy.deepcopy(model).eval().requires_grad_(False)  # never wrapped in DDP
     run = training.run_identity(args, RUN_KEYS, dist_info.world_size, model.config)
     resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
@@ -143,7 +169,12 @@ def main(argv=None):
                                       is_main, resume is not None)
     # DPO: the loss with its hyper-parameters, fixed once for the whole run.
     loss_fn = functools.partial(dpo_loss, beta=args.beta, loss_type=args.loss,
-                                label_smoothing=args.label_smoothing)
+                                label_smoothing=args.label_smoothing,
+                                dpop_lambda=args.dpop_lambda, simpo_gamma=args.simpo_gamma,
+                                rdpo_alpha=args.rdpo_alpha)
+    # DPO: what some variants carry from step to step: BCO's reward shift delta (the mean
+    # reward so far) and TR-DPO's moving reference; saved in checkpoints for --resume.
+    bco_delta = restore_variant_state(resume, reference)
 
     # ------------------------------------------------------------------------
     # 6. Training loop
@@ -170,12 +201,15 @@ def main(argv=None):
                 # DPO: Eq. 7 per pair, plus the optional RPO term (token-mean NLL of y_w).
                 losses, chosen_rewards, rejected_rewards = loss_fn(
                     logps.chosen, logps.rejected, ref.chosen, ref.rejected,
-                    chosen_n_tokens=n_tokens.chosen, rejected_n_tokens=n_tokens.rejected)
+                    chosen_n_tokens=n_tokens.chosen, rejected_n_tokens=n_tokens.rejected,
+                    bco_delta=bco_delta)
                 nll = (-logps.chosen / n_tokens.chosen).mean()
-                loss = losses.mean() + args.sft_alpha * nll
+                aux = raw_model.aux_loss  # MoE: the routers' load balancing (0 if dense)
+                loss = losses.mean() + args.sft_alpha * nll + aux
                 scaler.scale(loss / len(micro)).backward()
             metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, logps)
-            metrics.update({"loss": loss.detach(), "loss/nll": nll.detach()})
+            metrics.update({"loss": loss.detach(), "loss/nll": nll.detach(),
+                            "loss/aux": aux.detach()})
             for name, v in metrics.items():
                 step_metrics[name] = step_metrics.get(name, 0.0) + v / len(micro)
             pairs_seen += len(idx) * dist_info.world_size
@@ -189,6 +223,13 @@ def main(argv=None):
         if not math.isfinite(record["loss"]) and args.dtype != "float16":  # fp16: scaler skips
             raise training.NonFiniteLoss(record["loss"], step, args.dtype)
         done = step + 1
+        if args.loss == "bco_pair":  # BCO: delta = running mean of all rewards so far
+            mean_reward = (record["rewards/chosen"] + record["rewards/rejected"]) / 2
+            bco_delta += (mean_reward - bco_delta) / done
+        if args.sync_ref_every and done % args.sync_ref_every == 0:  # TR-DPO, soft update
+            with torch.no_grad():
+                for r, p in zip(reference.parameters(), raw_model.parameters()):
+                    r.lerp_(p, args.sync_ref_alpha)  # r = r + alpha (p - r)
         elapsed = time.time() - t0
         record.update(step=done, grad_norm=grad_norm, lr=lr, skipped_steps=skipped_steps,
                       tokens_per_s=tokens_seen / elapsed, pairs_per_s=pairs_seen / elapsed)
@@ -198,8 +239,9 @@ def main(argv=None):
                             margin=f"{record['rewards/margins']:.2f}")
         if val_ds is not None and (done == n_steps or
                                    (args.eval_every and done % args.eval_every == 0)):
-            record.update(evaluate(raw_model, reference, ref_tables.get("val"), val_ds, loss_fn,
-                                   args, ctx, dist_info))
+            record.update(evaluate(raw_model, reference, ref_tables.get("val"), val_ds,
+                                   functools.partial(loss_fn, bco_delta=bco_delta), args, ctx,
+                                   dist_info))
             log(f"step {done}: train loss {record['loss']:.4f}, val loss "
                 f"{record['val/loss']:.4f}, val reward accuracy "
                 f"{record['val/rewards/accuracies']:.3f}, margin "
@@ -208,8 +250,10 @@ def main(argv=None):
             metrics_log.write(record)
         if is_main and not args.no_save and (done == end_step or
                                              (args.save_every and done % args.save_every == 0)):
-            save_checkpoint(ckpt_path, raw_model, tokenizer_id,
-                            training.train_state(optimizer, scaler, done, args, run))
+            state = training.train_state(optimizer, scaler, done, args, run)
+            state["dpo"] = {"bco_delta": bco_delta, "reference": (
+                reference.state_dict() if args.sync_ref_every else None)}
+            save_checkpoint(ckpt_path, raw_model, tokenizer_id, state)
 
     # ------------------------------------------------------------------------
     # 7. Save (done above at the last step) and show a few answers
@@ -239,7 +283,8 @@ def evaluate(model, reference, ref_table, dataset, loss_fn, args, ctx, dist_info
                 chosen_n_tokens=n_tokens.chosen, rejected_n_tokens=n_tokens.rejected)
             nll = (-logps.chosen / n_tokens.chosen).mean()
             metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, logps)
-            metrics.update({"loss": losses.mean() + args.sft_alpha * nll, "loss/nll": nll})
+            metrics.update({"loss": losses.mean() + args.sft_alpha * nll + model.aux_loss,
+                            "loss/nll": nll, "loss/aux": model.aux_loss})
             for j, name in enumerate(METRIC_NAMES):
                 totals[j] += metrics[name].item() * len(idx)
             totals[-1] += len(idx)
@@ -265,9 +310,19 @@ def policy_from_sft(args, vocab_size, tokenizer_id):
     return model_from_checkpoint(sft, args.sft_ckpt)
 
 
+def restore_variant_state(resume, reference):
+    """--resume: put back what a variant carries across steps (BCO's delta, TR-DPO's moved
+    reference); returns delta (0.0 for a new run)."""
+    state = resume["train_state"].get("dpo", {}) if resume else {}
+    if state.get("reference") is not None:
+        reference.load_state_dict(state["reference"])
+    return state.get("bco_delta", 0.0)
+
+
 def reference_logps(reference, ref_table, idx, ids, mask, args):
     """The reference's summed log-probs of a batch, as ChosenRejected: looked up in the
-    precomputed table, 0 with --reference-free, or a no-grad forward of the reference."""
+    precomputed table, 0 with --reference-free (and for simpo and orpo, which do not read
+    them), or a no-grad forward of the reference."""
     if ref_table is not None:
         rows = ref_table[idx].to(ids.device)  # (B, 2)
         return ChosenRejected(chosen=rows[:, 0], rejected=rows[:, 1])

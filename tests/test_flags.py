@@ -33,6 +33,13 @@ def run_script(script, *args, timeout=180):
     ("sigmoid", 0.1, 0.2, math.log(2)),  # conservative: ln 2 too at h = 0
     ("ipo", 0.1, 0.0, (1 / (2 * 0.1)) ** 2),  # (0 - 1/(2 beta))^2 = 25
     ("hinge", 0.5, 0.0, 1.0),  # max(0, 1 - 0)
+    ("robust", 0.1, 0.2, math.log(2)),  # ((1 - eps) ln 2 - eps ln 2) / (1 - 2 eps)
+    ("norm", 1.0, 0.0, math.log(2)),
+    ("dpop", 0.1, 0.0, math.log(2)),  # the penalty is 0 while pi = pi_ref
+    ("bco_pair", 0.1, 0.0, 2 * math.log(2)),  # delta is 0 at the start
+    ("nca_pair", 0.1, 0.0, 2 * math.log(2)),  # ln 2 + ln 2 / 2 + ln 2 / 2
+    ("apo_zero", 0.1, 0.0, 1.0),  # (1 - 1/2) + 1/2
+    ("sppo_hard", 0.1, 0.0, 2 * (1 / (2 * 0.1)) ** 2),  # 25 + 25
 ])
 def test_each_loss_flag_gives_its_formula_at_step_zero(files, sft_ckpt, tmp_path, loss, beta,
                                                         smoothing, step0):
@@ -40,6 +47,73 @@ def test_each_loss_flag_gives_its_formula_at_step_zero(files, sft_ckpt, tmp_path
                             "--loss", loss, "--beta", str(beta), "--label-smoothing",
                             str(smoothing), "--sft-alpha", "0", "--log-every", "1"))
     assert records(tmp_path / "dpo/metrics.jsonl")[0]["loss"] == pytest.approx(step0, rel=1e-6)
+
+
+def test_rdpo_alpha_zero_is_dpo_and_alpha_reaches_the_loss(files, sft_ckpt, tmp_path):
+    common = ["--steps", "2", "--batch-size", "4", "--precompute-ref", "--log-every", "1"]
+    train_dpo.main(dpo_args(files, tmp_path / "dpo", sft_ckpt, *common))
+    train_dpo.main(dpo_args(files, tmp_path / "r0", sft_ckpt, *common, "--loss", "rdpo",
+                            "--rdpo-alpha", "0"))
+    train_dpo.main(dpo_args(files, tmp_path / "r1", sft_ckpt, *common, "--loss", "rdpo",
+                            "--rdpo-alpha", "0.5"))
+    assert max_diff(weights(tmp_path / "dpo/dpo.pt"), weights(tmp_path / "r0/dpo.pt")) == 0
+    assert records(tmp_path / "r1/dpo/metrics.jsonl")[0]["loss"] != pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_reference_free_losses_need_no_reference_and_their_flags_count(files, sft_ckpt,
+                                                                       tmp_path, capsys, loss):
+    """SimPO and ORPO never build a reference (no cache is computed with --precompute-ref);
+    a larger SimPO margin gamma gives a larger loss for the same policy."""
+    common = ["--steps", "1", "--batch-size", "4", "--precompute-ref", "--log-every", "1",
+              "--loss", loss, "--no-save"]
+    train_dpo.main(dpo_args(files, tmp_path / "a", sft_ckpt, *common))
+    assert "reference log-probs" not in capsys.readouterr().out
+    first = records(tmp_path / "a/dpo/metrics.jsonl")[0]
+    assert math.isfinite(first["loss"]) and first["loss"] > 0
+    if loss == "simpo":
+        train_dpo.main(dpo_args(files, tmp_path / "b", sft_ckpt, *common, "--simpo-gamma", "3"))
+        assert records(tmp_path / "b/dpo/metrics.jsonl")[0]["loss"] > first["loss"]
+    else:  # ORPO = NLL of the chosen answer + beta * odds-ratio loss, so > the NLL alone
+        assert first["loss/dpo"] > first["loss/nll"] > 0
+
+
+def test_dpop_lambda_reaches_the_loss(files, sft_ckpt, tmp_path):
+    common = ["--steps", "4", "--batch-size", "4", "--precompute-ref", "--log-every", "1",
+              "--loss", "dpop"]
+    train_dpo.main(dpo_args(files, tmp_path / "a", sft_ckpt, *common, "--dpop-lambda", "0"))
+    train_dpo.main(dpo_args(files, tmp_path / "b", sft_ckpt, *common, "--dpop-lambda", "500"))
+    assert max_diff(weights(tmp_path / "a/dpo.pt"), weights(tmp_path / "b/dpo.pt")) > 0
+
+
+def test_trdpo_hard_sync_every_step_keeps_the_loss_at_ln2(files, sft_ckpt, tmp_path):
+    """--sync-ref-every 1 --sync-ref-alpha 1 copies the policy into the reference after
+    each step, so every step starts at policy = reference: h = 0, loss ln 2, rewards 0."""
+    common = ["--steps", "4", "--batch-size", "4", "--log-every", "1", "--no-save"]
+    train_dpo.main(dpo_args(files, tmp_path / "tr", sft_ckpt, *common, "--sync-ref-every", "1",
+                            "--sync-ref-alpha", "1"))
+    for r in records(tmp_path / "tr/dpo/metrics.jsonl"):
+        assert r["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)
+    train_dpo.main(dpo_args(files, tmp_path / "fixed", sft_ckpt, *common))
+    assert records(tmp_path / "fixed/dpo/metrics.jsonl")[-1]["loss/dpo"] != pytest.approx(
+        math.log(2), abs=1e-3)
+
+
+@pytest.mark.parametrize("bad", [["--precompute-ref"], ["--reference-free"],
+                                 ["--loss", "simpo"]])
+def test_trdpo_is_refused_without_a_reference_model(files, sft_ckpt, tmp_path, bad):
+    with pytest.raises(SystemExit):
+        train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--sync-ref-every", "2", *bad))
+
+
+def test_trdpo_and_bco_resume_exactly(files, sft_ckpt, tmp_path):
+    """Their state across steps (the moving reference, BCO's delta) is in the checkpoint."""
+    common = ["--steps", "6", "--batch-size", "4", "--loss", "bco_pair", "--sync-ref-every",
+              "2", "--sync-ref-alpha", "0.5"]
+    train_dpo.main(dpo_args(files, tmp_path / "a", sft_ckpt, *common))
+    train_dpo.main(dpo_args(files, tmp_path / "b", sft_ckpt, *common, "--stop-after", "3"))
+    train_dpo.main(dpo_args(files, tmp_path / "b", sft_ckpt, *common, "--resume"))
+    assert max_diff(weights(tmp_path / "a/dpo.pt"), weights(tmp_path / "b/dpo.pt")) == 0
 
 
 def test_chunked_head_trains_the_same_weights(files, sft_ckpt, tmp_path):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from loss import (ChosenRejected, ChunkedTokenLogps, concatenated_logps, dpo_loss,
+from loss import (LOSS_TYPES, ChosenRejected, ChunkedTokenLogps, concatenated_logps, dpo_loss,
                   preference_metrics, sequence_logps)
 from model import ModelConfig, Transformer
 
@@ -115,6 +115,84 @@ def test_hinge_reference_free_and_sft_alpha():
         assert cr[i].item() == pytest.approx(beta * pc[i].item())
         sig = math.log1p(math.exp(-beta * h))
         assert rpo[i].item() == pytest.approx(sig + 0.5 * -pc[i].item() / 7.0, rel=1e-9)
+
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))
+
+
+def sigmoid(x):
+    return math.exp(log_sigmoid(x))
+
+
+# Each variant written out per example from its paper's formula, in plain Python floats.
+# Arguments: policy and reference log-probs (sums), token counts, beta.
+FORMULAS = {
+    "robust": lambda pc, pr, rc, rr, nc, nr, b: (
+        (1 - EPS) * -log_sigmoid(b * (pc - rc - pr + rr))
+        + EPS * log_sigmoid(-b * (pc - rc - pr + rr))) / (1 - 2 * EPS),
+    "norm": lambda pc, pr, rc, rr, nc, nr, b: -log_sigmoid(
+        b * ((pc - rc) / nc - (pr - rr) / nr)),
+    "dpop": lambda pc, pr, rc, rr, nc, nr, b: -log_sigmoid(
+        b * ((pc - rc - pr + rr) - LAMBDA * max(0.0, rc - pc))),
+    "simpo": lambda pc, pr, rc, rr, nc, nr, b: -log_sigmoid(b * pc / nc - b * pr / nr - GAMMA),
+    "rdpo": lambda pc, pr, rc, rr, nc, nr, b: -log_sigmoid(
+        b * (pc - rc - pr + rr) - ALPHA * (nc - nr)),
+    "bco_pair": lambda pc, pr, rc, rr, nc, nr, b: (-log_sigmoid(b * (pc - rc) - DELTA)
+                                                  - log_sigmoid(-(b * (pr - rr) - DELTA))),
+    "nca_pair": lambda pc, pr, rc, rr, nc, nr, b: (-log_sigmoid(b * (pc - rc))
+                                                  - 0.5 * log_sigmoid(-b * (pc - rc))
+                                                  - 0.5 * log_sigmoid(-b * (pr - rr))),
+    "apo_zero": lambda pc, pr, rc, rr, nc, nr, b: (1 - sigmoid(b * (pc - rc))
+                                                  + sigmoid(b * (pr - rr))),
+    "sppo_hard": lambda pc, pr, rc, rr, nc, nr, b: ((pc - rc - 1 / (2 * b)) ** 2
+                                                   + (pr - rr + 1 / (2 * b)) ** 2),
+    "orpo": lambda pc, pr, rc, rr, nc, nr, b: (
+        -pc / nc - b * log_sigmoid(
+            math.log(math.exp(pc / nc) / (1 - math.exp(pc / nc)))
+            - math.log(math.exp(pr / nr) / (1 - math.exp(pr / nr))))),
+}
+EPS, LAMBDA, GAMMA, ALPHA, DELTA = 0.1, 50.0, 0.5, 0.01, 0.3
+
+
+def test_the_variant_list_is_the_tested_list():
+    assert set(LOSS_TYPES) == {"sigmoid", "ipo", "hinge"} | set(FORMULAS)
+
+
+@pytest.mark.parametrize("loss_type", sorted(FORMULAS))
+def test_variant_matches_its_per_example_formula(loss_type):
+    pc, pr, rc, rr = random_logps(n=32, seed=5)
+    g = torch.Generator().manual_seed(6)
+    nc = torch.randint(1, 40, (32,), generator=g).double()
+    nr = torch.randint(1, 40, (32,), generator=g).double()
+    beta = 0.7
+    losses, cr, rjr = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type,
+                               label_smoothing=EPS, chosen_n_tokens=nc, rejected_n_tokens=nr,
+                               dpop_lambda=LAMBDA, simpo_gamma=GAMMA, rdpo_alpha=ALPHA,
+                               bco_delta=DELTA)
+    for i in range(32):
+        args = [x[i].item() for x in (pc, pr, rc, rr, nc, nr)]
+        assert losses[i].item() == pytest.approx(FORMULAS[loss_type](*args, beta), rel=1e-9)
+        assert cr[i].item() == pytest.approx(beta * (args[0] - args[2]))
+        assert rjr[i].item() == pytest.approx(beta * (args[1] - args[3]))
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("h", [1e4, -1e4])
+def test_every_loss_is_finite_with_finite_gradients_at_h_1e4(loss_type, h):
+    """A policy 1e4 nats from its reference either way, in fp32; the second pair's
+    chosen answer is near-certain (log-prob -1e-4: ORPO's odds blow up there)."""
+    far = -1.0 - abs(h)
+    pc = torch.tensor([-1.0 if h > 0 else far, -1e-4], requires_grad=True)
+    pr = torch.tensor([far if h > 0 else -1.0, -1.0 + h if h < 0 else far], requires_grad=True)
+    rc, rr = torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, -1.0])
+    n = torch.tensor([1.0, 3.0])
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type=loss_type,
+                            label_smoothing=0.1, chosen_n_tokens=n, rejected_n_tokens=n)
+    assert ((pc - rc) - (pr - rr))[0].item() == h
+    losses.sum().backward()
+    assert torch.isfinite(losses).all(), losses
+    assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
 
 
 def test_sigmoid_gradient_wrt_h():
