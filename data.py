@@ -29,16 +29,28 @@ ROLES = ("system", "user", "assistant")
 # ----------------------------------------------------------------------------
 # 2. The chat template (ChatML)
 
+TEMPLATES = ("chatml", "minimind")
+THINK, END_THINK = "<think>", "</think>"
+
 
 class Chat:
-    """Renders messages with the ChatML template: `<|im_start|>{role}\\n{content}<|im_end|>\\n`.
+    """Renders messages with the ChatML template: `<|im_start|>{role}\n{content}<|im_end|>\n`.
 
     Each piece is encoded on its own and the ids concatenated, so the ids of a
     prompt never depend on the response that follows it.
+
+    template "minimind" (the default for a converted MiniMind tokenizer, which names it)
+    is MiniMind's own: ChatML with a think block opening every assistant turn,
+    `<think>\n{reasoning}\n</think>\n\n`, empty when there is no reasoning, and the
+    generation prompt ends with the empty block. The block is prompt (mask 0) when empty
+    and response (mask 1) when it holds reasoning.
     """
 
-    def __init__(self, enc):
+    def __init__(self, enc, template=None):
         self.enc = enc
+        self.template = template or getattr(enc, "chat_template", "chatml")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"unknown chat template {self.template!r}; choose from {TEMPLATES}")
         self.im_start = enc.encode_single_token(IM_START)
         self.im_end = enc.encode_single_token(IM_END)
         self.pad_id = enc.encode_single_token(ENDOFTEXT)
@@ -46,6 +58,28 @@ class Chat:
 
     def header(self, role):
         return [self.im_start] + encode_text(self.enc, role + "\n")
+
+    def think_block(self, reasoning):
+        """MiniMind: `<think>\n{reasoning}\n</think>\n\n` as ids; ChatML: nothing."""
+        if self.template == "chatml":
+            return []
+        # MiniMind's tokenizer encodes "\n\n" + content as one piece; its vocabulary has no
+        # "\n\n" token, so encoding the two apart gives the same ids (tests check).
+        return ([self.enc.encode_single_token(THINK)] + encode_text(self.enc, f"\n{reasoning}\n")
+                + [self.enc.encode_single_token(END_THINK)] + encode_text(self.enc, "\n\n"))
+
+    def split_reasoning(self, content):
+        """(reasoning, answer) of an assistant message, as MiniMind's template splits it:
+        the text before `</think>` (less a leading `<think>`) and the text after it."""
+        if self.template == "chatml" or END_THINK not in content:
+            return "", content
+        reasoning, answer = content.split(END_THINK)[0], content.split(END_THINK)[-1]
+        return reasoning.split(THINK)[-1].strip("\n"), answer.lstrip("\n")
+
+    def generation_prompt(self):
+        """What the assistant's answer follows: `<|im_start|>assistant\n` (+ MiniMind's
+        empty think block)."""
+        return self.header("assistant") + self.think_block("")
 
     def render(self, messages):
         """(ids, loss_mask) of a whole conversation; the mask is 1 on each assistant
@@ -72,23 +106,32 @@ class Chat:
         """
         ids, mask = [], []
         for m in messages:
-            head = self.header(m["role"])
-            body = encode_text(self.enc, m["content"]) + [self.im_end]
+            head, content, think, thinking = self.header(m["role"]), m["content"], [], 0
             on = 1 if m["role"] == "assistant" else 0
-            ids += head + body + self.newline
-            mask += [0] * len(head) + [on] * len(body) + [0] * len(self.newline)
+            if on:
+                reasoning, content = self.split_reasoning(content)
+                think = self.think_block(reasoning)  # MiniMind only: trained on if not empty
+                thinking = 1 if reasoning else 0
+            body = encode_text(self.enc, content) + [self.im_end]
+            ids += head + think + body + self.newline
+            mask += ([0] * len(head) + [thinking] * len(think) + [on] * len(body)
+                     + [0] * len(self.newline))
         return ids, mask
 
     def render_prompt(self, messages):
         """Prompt ids: the conversation so far, then the generation prompt
-        `<|im_start|>assistant\\n`."""
-        return self.render(messages)[0] + self.header("assistant")
+        `<|im_start|>assistant\n`."""
+        return self.render(messages)[0] + self.generation_prompt()
 
     def render_response(self, messages):
         """(ids, mask) of the response that follows `render_prompt`: the first (assistant)
         message's content and <|im_end|>, then any further messages rendered in full. The
         trailing newline is left off: generation stops at <|im_end|>."""
-        first = encode_text(self.enc, messages[0]["content"]) + [self.im_end]
+        reasoning, content = self.split_reasoning(messages[0]["content"])
+        if reasoning:
+            raise ValueError("a response with <think> reasoning: the MiniMind prompt ends "
+                             "with an empty think block, so DPO cannot score reasoning")
+        first = encode_text(self.enc, content) + [self.im_end]
         ids, mask = self.render(messages[1:])
         ids, mask = first + self.newline + ids, [1] * len(first) + [0] * len(self.newline) + mask
         return ids[:len(ids) - len(self.newline)], mask[:len(ids) - len(self.newline)]
@@ -402,7 +445,7 @@ def fit_prompt(chat, messages, max_prompt_len):
             return ids
     last = turns[-1]
     head = chat.header(last["role"])
-    tail = [chat.im_end] + chat.newline + chat.header("assistant")
+    tail = [chat.im_end] + chat.newline + chat.generation_prompt()
     room = max(max_prompt_len - len(head) - len(tail), 0)
     content = encode_text(chat.enc, last["content"])
     return head + content[len(content) - room:] + tail

@@ -2,7 +2,9 @@
 
 Pre-norm blocks: RMSNorm (in fp32) -> grouped-query attention with rotary
 position embeddings -> residual; RMSNorm -> SwiGLU feed-forward -> residual.
-No biases, tied input/output embeddings, dropout 0 by default.
+No biases, tied input/output embeddings, dropout 0 by default. Two options exist
+for MiniMind's checkpoints (convert.py), off in the plain path: per-head q/k
+RMSNorm (`qk_norm`) and a mixture-of-experts feed-forward (`n_experts`).
 
     python model.py --preset minimind     prints the shape and parameter count
 
@@ -37,6 +39,11 @@ class ModelConfig:
     rope_theta: float = 1e6
     norm_eps: float = 1e-5
     dropout: float = 0.0
+    # MiniMind's options (off in the plain path):
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys, before RoPE
+    n_experts: int = 0  # > 0: a mixture-of-experts feed-forward (MoEFeedForward)
+    experts_per_token: int = 2  # k, the experts each token is routed to
+    aux_loss_coef: float = 5e-4  # weight of the router's load-balancing loss (MiniMind's)
 
     def __post_init__(self):
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
@@ -44,6 +51,9 @@ class ModelConfig:
                              f"n_heads by n_kv_heads ({self.n_kv_heads})")
         if self.ffn_dim == 0:
             self.ffn_dim = 64 * math.ceil(int(self.dim * 8 / 3) / 64)
+        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+            raise ValueError(f"experts_per_token ({self.experts_per_token}) must be 1.."
+                             f"n_experts ({self.n_experts})")
 
 
 PRESETS = {
@@ -51,6 +61,14 @@ PRESETS = {
     "tiny": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, max_seq_len=1024),
     # MiniMind2-Small's shape: ~25.8M parameters with a 6400 vocabulary.
     "minimind": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, max_seq_len=2048),
+    # Today's MiniMind code (model_minimind.py defaults): ~63.9M parameters with 6400 words;
+    # FFN ceil(768 pi / 64) * 64 = 2432, RMSNorm eps 1e-6, q/k-norm.
+    "minimind-768": dict(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=2432,
+                         norm_eps=1e-6, qk_norm=True, max_seq_len=32768),
+    # Its MoE variant: 4 experts of that FFN size, 1 per token (MiniMind's defaults).
+    "minimind-768-moe": dict(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=2432,
+                             norm_eps=1e-6, qk_norm=True, max_seq_len=32768, n_experts=4,
+                             experts_per_token=1),
 }
 
 
@@ -68,8 +86,12 @@ def add_model_args(parser):
     for f in fields(ModelConfig):
         if f.name == "vocab_size":
             continue  # always taken from the tokenizer
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
-                            default=None, help=f"override {f.name} (default: from the preset)")
+        flag, help = "--" + f.name.replace("_", "-"), f"override {f.name} (default: the preset's)"
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None, help=help)
 
 
 def config_from_args(args, vocab_size):
@@ -146,6 +168,10 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, config.dim + 2 * kv_dim, bias=False)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
         self.dropout = config.dropout
+        if config.qk_norm:  # MiniMind: each head's q and k RMS-normalised before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, cos, sin, cache=None):
         B, T, C = x.shape
@@ -154,6 +180,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # over D, each head and position
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = 0
         if cache is not None:
@@ -189,13 +217,53 @@ class FeedForward(nn.Module):
         return self.dropout(self.w2(F.silu(gate) * up))  # (B, T, C)
 
 
+class MoEFeedForward(nn.Module):
+    """Mixture of experts (Shazeer et al. 2017, arXiv:1701.06538), MiniMind's option:
+    n_experts SwiGLU feed-forwards and a router. Each token goes to the k =
+    experts_per_token experts with the highest router probability, and their outputs are
+    mixed with those probabilities renormalised over the k chosen.
+
+    Worked routing example, 3 experts, k = 2: router probabilities [0.5, 0.3, 0.2] pick
+    experts 0 and 1 with weights 0.5 / 0.8 = 0.625 and 0.3 / 0.8 = 0.375, so the token's
+    output is 0.625 * expert_0(x) + 0.375 * expert_1(x); expert 2 never sees it.
+
+    Load balancing (as MiniMind computes it, after Switch Transformer, Fedus et al. 2021,
+    arXiv:2101.03961): aux = coef * E * sum_e load_e * P_e, where load_e is the share of
+    tokens that picked expert e (the k picks of a token each count: the loads sum to k)
+    and P_e the mean router probability of e. Routing every token to one expert costs
+    more than spreading them. Each forward leaves its value in self.aux_loss.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.k, self.coef = config.experts_per_token, config.aux_loss_coef
+        self.router = nn.Linear(config.dim, config.n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_experts))
+        self.aux_loss = None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # (N, C): every token on its own
+        probs = self.router(x).float().softmax(dim=-1)  # (N, E)
+        weights, chosen = probs.topk(self.k, dim=-1)  # (N, k) each
+        weights = weights / weights.sum(dim=-1, keepdim=True)  # renormalised over the k
+        y = torch.zeros_like(x)  # (N, C)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)  # the tokens routed to expert e
+            # (an expert with no token still runs on 0 rows: every parameter is in the graph)
+            y.index_add_(0, token, expert(x[token]) * weights[token, slot, None].to(x.dtype))
+        load = F.one_hot(chosen, len(self.experts)).float().sum(dim=1).mean(dim=0)  # (E,)
+        self.aux_loss = self.coef * len(self.experts) * (load * probs.mean(dim=0)).sum()
+        return y.view(B, T, C)
+
+
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = Attention(config, layer)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.ffn = FeedForward(config)
+        self.ffn = MoEFeedForward(config) if config.n_experts else FeedForward(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, cache=None):
@@ -217,6 +285,7 @@ class Transformer(nn.Module):
                                config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # derived, not saved
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.aux_loss = None  # set by each forward: MoE load balancing, 0 for a dense model
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections
             if name.endswith("wo.weight") or name.endswith("w2.weight"):
@@ -246,6 +315,9 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
+        # MoE: the routers' load-balancing loss of this forward, for the trainers to add
+        self.aux_loss = (sum(block.ffn.aux_loss for block in self.layers)
+                         if self.config.n_experts else x.new_zeros((), dtype=torch.float32))
         x = self.norm(x)  # (B, T, C)
         if positions is not None:
             x = x[positions]  # (N, C)

@@ -10,6 +10,11 @@ GPT-2).
 
 Train a tokenizer on your own data (every string of every record is used):
     python tokenizer.py --files my_sft.jsonl my_pairs.jsonl --vocab-size 6400 --out my.tiktoken
+
+A MiniMind (Hugging Face byte-level BPE) tokenizer.json converts to the same format
+(`convert_hf_tokenizer`, run by `python convert.py --from-minimind ...`): its ranks
+go in the .tiktoken file, and its special tokens, pre-split pattern and chat
+template in a small `.tiktoken.json` sidecar beside it.
 """
 
 import argparse
@@ -29,8 +34,13 @@ import tiktoken
 # across chunks.
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}|"""
                  r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
+# GPT-2's pre-split, which Hugging Face's "ByteLevel" pre-tokenizer (and so MiniMind's
+# tokenizer) uses: no cap on digit runs, a space joins the word after it.
+GPT2_SPLIT_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
+                      r"""|\s+(?!\S)|\s+""")
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]  # ids: the last three of the vocabulary
+# Ours: the last three ids of the vocabulary. A converted tokenizer's sidecar lists its own.
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TOKENIZER = os.path.join(HERE, "data", "tokenizer.tiktoken")
 
@@ -184,7 +194,7 @@ def train_bpe(texts, vocab_size):
     return merges, ranks
 
 
-def bpe_encode(text, merges):
+def bpe_encode(text, merges, pattern=SPLIT_PATTERN):
     """Slow reference encoder: apply `merges` in the order they were learnt.
 
     tiktoken encodes by the rank of the merged bytes instead; the tests check that
@@ -194,7 +204,7 @@ def bpe_encode(text, merges):
         [256, 257]
     """
     out = []
-    for chunk in regex.findall(SPLIT_PATTERN, text):
+    for chunk in regex.findall(pattern, text):
         ids = list(chunk.encode("utf-8"))
         while len(ids) >= 2:
             pair = min(zip(ids, ids[1:]), key=lambda p: merges.get(p, float("inf")))
@@ -220,26 +230,58 @@ def save_tiktoken(ranks, path):
     os.replace(tmp, path)
 
 
+class Tokenizer(tiktoken.Encoding):
+    """A tiktoken.Encoding that also names its chat template (data.Chat renders it):
+    "chatml" for ours, "minimind" for a converted MiniMind tokenizer."""
+
+    def __init__(self, *, chat_template="chatml", **kwargs):
+        super().__init__(**kwargs)
+        self.chat_template = chat_template
+
+
+def sidecar_path(path):
+    """Where a .tiktoken file's sidecar lives: special-token ids, pattern, chat template."""
+    return path + ".json"
+
+
 def load_tokenizer(path=DEFAULT_TOKENIZER):
-    """Load a `.tiktoken` file as a `tiktoken.Encoding`; the three specials follow the ranks."""
+    """Load a `.tiktoken` file as a `tiktoken.Encoding` (a Tokenizer). Without a sidecar
+    file the three specials follow the ranks (our own tokenizers); with one (a converted
+    tokenizer) its special tokens may sit at any ids, e.g. MiniMind's at 0..35."""
     ranks = {}
     with open(path, "rb") as f:
         for line in f:
             if line.strip():
                 token, rank = line.split()
                 ranks[base64.b64decode(token)] = int(rank)
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1} with no gaps")
-    specials = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    side = {}
+    if os.path.exists(sidecar_path(path)):
+        with open(sidecar_path(path), encoding="utf-8") as f:
+            side = json.load(f)
+    specials = side.get("special_tokens") or {tok: len(ranks) + i
+                                               for i, tok in enumerate(SPECIAL_TOKENS)}
+    ids = sorted([*ranks.values(), *specials.values()])
+    if ids != list(range(len(ids))):
+        raise ValueError(f"{path}: token ids (ranks and special tokens) must be 0..{len(ids) - 1}"
+                         f", each used once")
+    missing = [tok for tok in SPECIAL_TOKENS if tok not in specials]
+    if missing:
+        raise ValueError(f"{sidecar_path(path)}: special tokens {missing} are missing")
     name = os.path.splitext(os.path.basename(path))[0]
-    return tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
-                             special_tokens=specials)
+    return Tokenizer(name=name, pat_str=side.get("pattern", SPLIT_PATTERN),
+                     mergeable_ranks=ranks, special_tokens=specials,
+                     chat_template=side.get("chat_template", "chatml"))
 
 
 def tokenizer_identity(path=DEFAULT_TOKENIZER):
-    """What a checkpoint records to refuse a different tokenizer: file hash and vocab size."""
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    """What a checkpoint records to refuse a different tokenizer: file hash (with its
+    sidecar's, if any) and vocab size."""
+    digest = hashlib.sha256()
+    for p in (path, sidecar_path(path)):
+        if p == path or os.path.exists(p):
+            with open(p, "rb") as f:
+                digest.update(f.read())
+    digest = digest.hexdigest()
     return {"sha256": digest, "vocab_size": load_tokenizer(path).n_vocab}
 
 
@@ -247,6 +289,74 @@ def encode_text(enc, text):
     """Encode data text with specials treated as plain bytes: a literal "<|im_end|>" typed
     by a user cannot end a turn."""
     return enc.encode_ordinary(text)
+
+# ----------------------------------------------------------------------------
+# Converting a Hugging Face byte-level BPE tokenizer.json (MiniMind's)
+
+
+def gpt2_byte_chars():
+    """GPT-2's byte-to-character map, in which byte-level BPE vocabularies (HF "ByteLevel",
+    MiniMind's) are written: printable bytes stand for themselves, the other 68 bytes
+    take the characters from U+0100 on, in byte order.
+
+        >>> chars = gpt2_byte_chars()
+        >>> chars[ord("A")], chars[ord(" ")], chars[ord("\\n")]
+        ('A', 'Ġ', 'Ċ')
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def convert_hf_tokenizer(json_path, out_path, chat_template="minimind"):
+    """Write a Hugging Face byte-level BPE `tokenizer.json` as `out_path` (.tiktoken ranks =
+    the token ids) plus its sidecar (added tokens as specials at their own ids, GPT-2's
+    pre-split, the chat template). Returns the loaded Tokenizer.
+
+    tiktoken merges by the rank of the merged bytes, HF by the order of its merge list;
+    the two agree when each merge's result has a larger id than every earlier merge's,
+    which is checked here (MiniMind's merge i makes token 292 + i)."""
+    with open(json_path, encoding="utf-8") as f:
+        hf = json.load(f)
+    model, pre = hf.get("model") or {}, hf.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get(
+            "use_regex", True) or pre.get("add_prefix_space") or hf.get("normalizer"):
+        raise ValueError(f"{json_path}: not a byte-level BPE tokenizer like MiniMind's "
+                         f"(model {model.get('type')}, pre-tokenizer {pre.get('type')}, "
+                         f"normaliser {hf.get('normalizer')})")
+    specials = {t["content"]: t["id"] for t in hf.get("added_tokens", [])}
+    byte_of = {c: b for b, c in gpt2_byte_chars().items()}
+    ranks = {}
+    for token, i in model["vocab"].items():
+        if i in specials.values():
+            continue
+        try:
+            ranks[bytes(byte_of[c] for c in token)] = i
+        except KeyError:
+            raise ValueError(f"{json_path}: vocabulary token {token!r} is not byte-level "
+                             f"(GPT-2 characters)") from None
+    last = -1
+    for n, merge in enumerate(model["merges"]):
+        a, b = merge.split(" ") if isinstance(merge, str) else merge
+        made = model["vocab"].get(a + b, -1)
+        if made <= last:
+            raise ValueError(f"{json_path}: merge {n} ({a!r} + {b!r}) makes id {made}, not "
+                             f"above the previous merge's {last}: tiktoken would encode "
+                             f"differently")
+        last = made
+    save_tiktoken(ranks, out_path)
+    side = {"special_tokens": specials, "pattern": GPT2_SPLIT_PATTERN,
+            "chat_template": chat_template}
+    with open(sidecar_path(out_path), "w", encoding="utf-8") as f:
+        json.dump(side, f, ensure_ascii=False, indent=1)
+    return load_tokenizer(out_path)
 
 # ----------------------------------------------------------------------------
 # Training on files

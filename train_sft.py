@@ -28,7 +28,7 @@ from model import (Transformer, add_model_args, config_from_args, configure_opti
 from sample import show_samples
 
 STAGE = "sft"
-METRIC_NAMES = ("loss",)
+METRIC_NAMES = ("loss", "loss/aux")  # loss/aux: MoE load balancing (0 if dense)
 
 # The flags that define a run (--resume refuses to continue another; training.run_identity)
 RUN_KEYS = ("batch_size", "grad_accum", "max_len", "seed", "lr", "min_lr_ratio", "warmup_steps",
@@ -123,7 +123,7 @@ def main(argv=None):
         local_targets = sum(sum(train_ds[i][1][1:]) for idx in micro for i in idx)
         global_targets = training.all_reduce_sum([local_targets], dist_info.world_size,
                                                  device)[0]
-        step_metrics = {"loss": 0.0}
+        step_metrics = {"loss": 0.0, "loss/aux": 0.0}
         for k, idx in enumerate(micro):
             last = k == len(micro) - 1
             sync = nullcontext() if last or dist_info.world_size == 1 else model.no_sync()
@@ -133,8 +133,11 @@ def main(argv=None):
                 with ctx:
                     logps, n_tokens = response_logps(model, ids, mask, args.chunked_head)
                 loss = -logps.sum() * dist_info.world_size / global_targets
+                aux = raw_model.aux_loss / len(micro)  # MoE: the routers' load balancing
+                loss = loss + aux
                 scaler.scale(loss).backward()
             step_metrics["loss"] += loss.detach()
+            step_metrics["loss/aux"] += aux.detach()
             tokens_seen += sum(train_lengths[i] for i in idx) * dist_info.world_size
         grad_norm, skipped = optimizer_step(raw_model, optimizer, scaler, args.grad_clip)
         skipped_steps += skipped
