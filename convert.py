@@ -187,4 +187,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a file that is not what it should be: say so, no traceback
+        raise SystemExit(f"convert.py: {e}") from None

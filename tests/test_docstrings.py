@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 MODULES = ["tokenizer", "data", "loss", "model", "training", "tasks", "train_sft",
-           "train_dpo", "evaluate", "sample", "bench"]
+           "train_dpo", "evaluate", "sample", "bench", "convert", "sweep"]
 
 
 @pytest.mark.parametrize("name", MODULES)
