@@ -7,9 +7,9 @@ Run:  python evaluate.py --ckpt out/sft.pt --ckpt out/dpo.pt
 
 For each checkpoint: mean judge score overall and per skill, mean answer length
 (tokens), refusal rates on harmful and benign prompts; greedy (each model's
-mode) and sampled (--samples per prompt at --temperature). For the last
-checkpoint against the first: win rate (ties count half) and the KL of the
-policy from the reference, estimated on the policy's own samples as the mean of
+mode) and sampled (--samples per prompt at --temperature). For each checkpoint
+after the first: its win rate over the first (ties count half); for each: the KL
+from the reference, estimated on the policy's own samples as the mean of
 log pi(y|x) - log pi_ref(y|x), with its standard error (at --temperature 1 only:
 samples at another temperature do not come from pi).
 """
@@ -196,11 +196,11 @@ def main():
                 samples[path, mode] = (prompts, answers)
                 for k, v in summarize(rows, scored[path, mode]).items():
                     results[path][f"{mode}/{k}"] = v
-        first, last = args.ckpt[0], args.ckpt[-1]
+        first = args.ckpt[0]
         for mode, _, temperature in modes:
-            if len(args.ckpt) > 1:
-                results[last][f"{mode}/win_rate_vs_first"] = win_rate(scored[first, mode],
-                                                                      scored[last, mode])
+            for path in args.ckpt[1:]:
+                results[path][f"{mode}/win_rate_vs_first"] = win_rate(scored[first, mode],
+                                                                      scored[path, mode])
             if temperature != 1.0:  # samples at T != 1 are not from pi: no KL(pi || pi_ref)
                 if temperature > 0:
                     print(f"note: no KL for {mode}: KL(pi || pi_ref) is estimated on samples "

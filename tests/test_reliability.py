@@ -35,7 +35,7 @@ def read_metrics(path):
 def test_reference_free_trains_and_evaluates_through_the_script(files, sft_ckpt, tmp_path):
     train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "3", "--batch-size", "4",
                             "--reference-free", "--eval-every", "2", "--log-every", "1",
-                            "--sft-alpha", "0"))
+                            "--beta", "0.1"))
     records = read_metrics(tmp_path / "dpo/metrics.jsonl")
     first = records[0]
     # no reference: the reward is beta * log pi(y|x) itself, so chosen reward = beta * logps

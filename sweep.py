@@ -1,0 +1,157 @@
+"""Train every loss of the DPO family from one SFT checkpoint, measure each on the held-out
+prompts, and print the README's table; plus a beta sweep of plain DPO (Eq. 7), the
+reward-KL trade-off of the paper's Figure 2 in miniature.
+
+    python sweep.py                                  # everything (about 1 h on 2 cores)
+    python sweep.py --runs sigmoid ipo simpo         # a few rows
+    python sweep.py --list                           # the runs and their flags
+
+Each run is `train_dpo.py` under torchrun with the default settings plus the flags shown
+in the table (the data, schedule and SFT checkpoint are the same for all); runs that can
+share the reference's precomputed log-probs do (`--precompute-ref`, one cache copied from
+run to run). Then one `evaluate.py` call scores the SFT model once and every run against
+it. A finished run is not trained again (its folder holds dpo.pt and run.json) unless
+--retrain; results go to OUT/table.md and OUT/results.json.
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# (name, flags): one row each. The beta of each variant is its paper's scale where it
+# has its own (per-token averages need a larger one); the rest use the default.
+RUNS = [
+    ("sigmoid", []),  # DPO, Eq. 7, with train_dpo.py's defaults
+    ("rpo", ["--sft-alpha", "1.0"]),  # + the chosen answer's NLL (Pang et al. 2024)
+    ("conservative", ["--label-smoothing", "0.1"]),
+    ("robust", ["--loss", "robust", "--label-smoothing", "0.1"]),
+    ("ipo", ["--loss", "ipo", "--beta", "0.5"]),
+    ("hinge", ["--loss", "hinge"]),
+    ("norm", ["--loss", "norm", "--beta", "10"]),
+    ("dpop", ["--loss", "dpop", "--dpop-lambda", "50"]),
+    ("simpo", ["--loss", "simpo", "--beta", "2.5", "--simpo-gamma", "1.25"]),
+    ("rdpo", ["--loss", "rdpo", "--rdpo-alpha", "0.05"]),
+    ("bco_pair", ["--loss", "bco_pair"]),
+    ("nca_pair", ["--loss", "nca_pair"]),
+    ("apo_zero", ["--loss", "apo_zero"]),
+    ("sppo_hard", ["--loss", "sppo_hard"]),
+    ("orpo", ["--loss", "orpo", "--beta", "0.1"]),
+    ("trdpo", ["--sync-ref-every", "64", "--sync-ref-alpha", "0.6"]),
+    # The beta sweep of plain DPO (the default beta is the "sigmoid" row above)
+    ("beta-0.1", ["--beta", "0.1"]),
+    ("beta-0.5", ["--beta", "0.5"]),
+    ("beta-1", ["--beta", "1"]),
+    ("beta-5", ["--beta", "5"]),
+]
+NO_CACHE = ("simpo", "orpo", "trdpo")  # no reference, or a moving one
+
+
+def train(name, flags, args):
+    """One train_dpo.py run in OUT/NAME; returns its run.json record."""
+    out = os.path.join(args.out_dir, name)
+    record_path = os.path.join(out, "run.json")
+    if os.path.exists(record_path) and not args.retrain:
+        with open(record_path, encoding="utf-8") as f:
+            return json.load(f)
+    flags = list(flags)
+    if name not in NO_CACHE:
+        flags.append("--precompute-ref")
+        os.makedirs(os.path.join(out, "dpo"), exist_ok=True)
+        for cache in glob.glob(os.path.join(args.out_dir, "*", "dpo", "ref_logps_*.pt")):
+            shutil.copy(cache, os.path.join(out, "dpo"))  # same SFT model, data and flags
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else [sys.executable])
+    cmd = launcher + [os.path.join(HERE, "train_dpo.py"), "--sft-ckpt", args.sft_ckpt,
+                      "--out-dir", out, "--samples", "0", "--quiet", *flags]
+    print(f"[{name}] {' '.join(flags)}", flush=True)
+    t0 = time.time()
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "train.log"), "w", encoding="utf-8") as log:
+        subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, check=True)
+    with open(os.path.join(out, "dpo", "metrics.jsonl"), encoding="utf-8") as f:
+        last = [json.loads(line) for line in f][-1]
+    record = {"name": name, "flags": flags, "wall_s": time.time() - t0,
+              "val_accuracy": last.get("val/rewards/accuracies")}
+    with open(record_path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def table(runs, results, sft_path, samples):
+    """The README table (markdown) from the run records and evaluate.py's results."""
+    mode = "sampled T=1/"
+    sft = results[sft_path]
+    lines = [f"SFT: sampled judge score {sft[mode + 'score']:.3f}, answer length "
+             f"{sft[mode + 'length']:.1f} tokens ({samples} samples per held-out prompt).", "",
+             "| run | flags | sampled judge | win vs SFT | KL(π‖π_ref), nats | answer length "
+             "| held-out pair acc. | wall time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        r = results[os.path.join(run["out"], "dpo.pt")]
+        flags = " ".join(f for f in run["flags"] if f != "--precompute-ref") or "(defaults)"
+        acc = run["val_accuracy"]
+        lines.append(
+            f"| {run['name']} | `{flags}` | {r[mode + 'score']:.3f} "
+            f"({r[mode + 'score'] - sft[mode + 'score']:+.3f}) | "
+            f"{r[mode + 'win_rate_vs_first']:.3f} | {r[mode + 'kl_vs_ref']:.2f} ± "
+            f"{r[mode + 'kl_stderr']:.2f} | {r[mode + 'length']:.1f} | "
+            f"{'n/a' if acc is None else f'{acc:.3f}'} | {run['wall_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", default=[name for name, _ in RUNS],
+                        help="which rows (default: all)")
+    parser.add_argument("--sft-ckpt", default="out/sft.pt", help="the common starting point")
+    parser.add_argument("--out-dir", default="out/sweep", help="one folder per run, the table")
+    parser.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun)")
+    parser.add_argument("--samples", type=int, default=4,
+                        help="sampled answers per held-out prompt (evaluate.py)")
+    parser.add_argument("--retrain", action="store_true", help="train finished runs again")
+    parser.add_argument("--list", action="store_true", help="print the runs and stop")
+    args = parser.parse_args()
+    known = dict(RUNS)
+    if args.list:
+        for name, flags in RUNS:
+            print(f"{name:14} {' '.join(flags) or '(defaults)'}")
+        return
+    unknown = [n for n in args.runs if n not in known]
+    if unknown:
+        parser.error(f"unknown runs {unknown}; see --list")
+    args.out_dir, args.sft_ckpt = os.path.abspath(args.out_dir), os.path.abspath(args.sft_ckpt)
+    if not os.path.exists(args.sft_ckpt):
+        raise SystemExit(f"no SFT checkpoint at {args.sft_ckpt}: run python train_sft.py")
+
+    t0 = time.time()
+    runs = []
+    for name in args.runs:
+        record = train(name, known[name], args)
+        record["out"] = os.path.join(args.out_dir, name)
+        runs.append(record)
+    results_path = os.path.join(args.out_dir, "results.json")
+    cmd = [sys.executable, os.path.join(HERE, "evaluate.py"), "--ckpt", args.sft_ckpt,
+           "--samples", str(args.samples), "--json", results_path]
+    for run in runs:
+        cmd += ["--ckpt", os.path.join(run["out"], "dpo.pt")]
+    print(f"evaluating {len(runs)} runs and the SFT model", flush=True)
+    with open(os.path.join(args.out_dir, "evaluate.log"), "w", encoding="utf-8") as log:
+        subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, check=True)
+    with open(results_path, encoding="utf-8") as f:
+        results = json.load(f)["results"]
+    text = table(runs, results, args.sft_ckpt, args.samples)
+    with open(os.path.join(args.out_dir, "table.md"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    print(text)
+    print(f"\nwrote {args.out_dir}/table.md and {results_path} in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
