@@ -18,6 +18,7 @@ import argparse
 import glob
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -57,12 +58,14 @@ def train(name, flags, args):
     """One train_dpo.py run in OUT/NAME; returns its run.json record."""
     out = os.path.join(args.out_dir, name)
     record_path = os.path.join(out, "run.json")
-    if os.path.exists(record_path) and not args.retrain:
-        with open(record_path, encoding="utf-8") as f:
-            return json.load(f)
-    flags = list(flags)
+    flags = list(flags) + shlex.split(args.train_flags)
     if name not in NO_CACHE:
         flags.append("--precompute-ref")
+    if os.path.exists(record_path) and not args.retrain:
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
+        if record["flags"] == flags:  # trained already, with these very flags
+            return record
         os.makedirs(os.path.join(out, "dpo"), exist_ok=True)
         for cache in glob.glob(os.path.join(args.out_dir, "*", "dpo", "ref_logps_*.pt")):
             shutil.copy(cache, os.path.join(out, "dpo"))  # same SFT model, data and flags
@@ -84,18 +87,19 @@ def train(name, flags, args):
     return record
 
 
-def table(runs, results, sft_path, samples):
+def table(runs, results, sft_path, samples, train_flags):
     """The README table (markdown) from the run records and evaluate.py's results."""
     mode = "sampled T=1/"
     sft = results[sft_path]
     lines = [f"SFT: sampled judge score {sft[mode + 'score']:.3f}, answer length "
-             f"{sft[mode + 'length']:.1f} tokens ({samples} samples per held-out prompt).", "",
+             f"{sft[mode + 'length']:.1f} tokens ({samples} samples per held-out prompt)"
+             + (f"; every run also had `{train_flags}`" if train_flags else "") + ".", "",
              "| run | flags | sampled judge | win vs SFT | KL(π‖π_ref), nats | answer length "
              "| held-out pair acc. | wall time |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         r = results[os.path.join(run["out"], "dpo.pt")]
-        flags = " ".join(f for f in run["flags"] if f != "--precompute-ref") or "(defaults)"
+        flags = " ".join(dict(RUNS)[run["name"]]) or "(defaults)"
         acc = run["val_accuracy"]
         lines.append(
             f"| {run['name']} | `{flags}` | {r[mode + 'score']:.3f} "
@@ -115,6 +119,10 @@ def main():
     parser.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun)")
     parser.add_argument("--samples", type=int, default=4,
                         help="sampled answers per held-out prompt (evaluate.py)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate on N evenly spaced held-out prompts (default: all 540)")
+    parser.add_argument("--train-flags", default="",
+                        help="extra train_dpo.py flags for every run, e.g. '--steps 50'")
     parser.add_argument("--retrain", action="store_true", help="train finished runs again")
     parser.add_argument("--list", action="store_true", help="print the runs and stop")
     args = parser.parse_args()
@@ -139,6 +147,8 @@ def main():
     results_path = os.path.join(args.out_dir, "results.json")
     cmd = [sys.executable, os.path.join(HERE, "evaluate.py"), "--ckpt", args.sft_ckpt,
            "--samples", str(args.samples), "--json", results_path]
+    if args.limit:
+        cmd += ["--limit", str(args.limit)]
     for run in runs:
         cmd += ["--ckpt", os.path.join(run["out"], "dpo.pt")]
     print(f"evaluating {len(runs)} runs and the SFT model", flush=True)
@@ -146,7 +156,7 @@ def main():
         subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, check=True)
     with open(results_path, encoding="utf-8") as f:
         results = json.load(f)["results"]
-    text = table(runs, results, args.sft_ckpt, args.samples)
+    text = table(runs, results, args.sft_ckpt, args.samples, args.train_flags)
     with open(os.path.join(args.out_dir, "table.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(text)

@@ -197,3 +197,20 @@ def test_shape_flags_reach_the_model(files, tmp_path):
     assert (config["dim"], config["n_layers"], config["ffn_dim"]) == (32, 2, 48)
     assert config["rope_theta"] == 10000 and config["norm_eps"] == 1e-6
     assert SHAPE[SHAPE.index("--max-seq-len") + 1] == str(config["max_seq_len"])
+
+
+def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
+    """sweep.py end to end on a small scale: two rows (one sharing the reference cache,
+    one reference-free), one evaluate.py call, the table; a second call reuses the runs."""
+    args = ["--runs", "sigmoid", "simpo", "--sft-ckpt", str(sft_ckpt), "--out-dir",
+            str(tmp_path), "--nproc", "1", "--samples", "1", "--limit", "12",
+            "--train-flags", f"--data {files['pairs_train']} --val-data {files['pairs_val']} "
+            "--steps 2 --batch-size 4"]
+    out = run_script("sweep.py", *args, timeout=300)
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| sigmoid", "| simpo"]
+    assert "`--loss simpo --beta 2.5 --simpo-gamma 1.25`" in rows[2]
+    assert os.path.exists(tmp_path / "table.md")
+    assert os.listdir(tmp_path / "sigmoid/dpo")  # the reference cache and metrics
+    again = run_script("sweep.py", *args, timeout=300)
+    assert "[sigmoid]" not in again  # finished runs are not trained again
