@@ -1,5 +1,6 @@
 """Measure what DPO changed: judge-scored answers to held-out TinyChat prompts, win rate,
-KL from the reference, and held-out preference accuracy on any pair file.
+KL from the reference; on any pair file, held-out preference accuracy and where the
+log-probs moved (likelihood_shift).
 
 Run:  python evaluate.py --ckpt out/sft.pt --ckpt out/dpo.pt
       python evaluate.py --ckpt out/sft.pt --ckpt out/dpo.pt --samples 4 --json out/eval.json
@@ -130,6 +131,51 @@ def pair_accuracy(model, reference, dataset, beta, device, batch_size=32):
     return mean(correct), mean(margins)
 
 
+def response_token_logps(model, items, device):
+    """log p of every response token of each pair, as lists: (chosen lists, rejected lists),
+    one batched forward (data.collate_pairs lays the rows out: B chosen, then B rejected)."""
+    ids, mask = data.collate_pairs(items, pad_id=0)
+    ids, mask = ids.to(device), mask.to(device)  # (2B, T) each
+    with torch.no_grad():
+        log_probs = model(ids[:, :-1]).float().log_softmax(-1)  # (2B, T-1, V)
+    per_token = log_probs.gather(-1, ids[:, 1:, None])[..., 0]  # (2B, T-1)
+    rows = [per_token[b][mask[b, 1:].bool()].tolist() for b in range(ids.shape[0])]
+    return rows[:len(items)], rows[len(items):]
+
+
+def likelihood_shift(model, reference, dataset, device, groups=None, batch_size=32):
+    """Where DPO moved the log-probs of held-out pairs ("likelihood displacement", Razin et
+    al. 2024, arXiv:2410.08847): per token, log pi - log pi_ref of the chosen answer on
+    the prefix it shares with the rejected one and after the first differing token; of
+    the rejected answer after it; the policy's probability of the chosen answer's last
+    token (<|im_end|>). groups (one name per pair, e.g. TinyChat's flaw types) adds the
+    per-answer summed shifts by group. Returns {name: mean over pairs}."""
+    values = {}
+    for s in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]
+        pol_c, pol_r = response_token_logps(model, items, device)
+        ref_c, ref_r = response_token_logps(reference, items, device)
+        for j, item in enumerate(items):
+            chosen, rejected = item["chosen"], item["rejected"]
+            k = 0
+            while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+                k += 1  # the first differing token
+            d_c = [p - r for p, r in zip(pol_c[j], ref_c[j])]  # per chosen token
+            d_r = [p - r for p, r in zip(pol_r[j], ref_r[j])]  # per rejected token
+            shifts = {"shift/chosen/shared_prefix": d_c[:k],
+                      "shift/chosen/after_divergence": d_c[k:],
+                      "shift/rejected/after_divergence": d_r[k:]}
+            for key, d in shifts.items():
+                if d:
+                    values.setdefault(key, []).append(mean(d))
+            values.setdefault("p_end/chosen", []).append(math.exp(pol_c[j][-1]))
+            if groups is not None:
+                group = groups[s + j]
+                values.setdefault(f"shift/chosen/sum/{group}", []).append(sum(d_c))
+                values.setdefault(f"shift/rejected/sum/{group}", []).append(sum(d_r))
+    return {key: mean(v) for key, v in values.items()}
+
+
 def print_table(title, names, results, keys):
     print(f"\n{title}")
     width = max(len(k) for k in keys) + 2
@@ -172,12 +218,20 @@ def main():
 
     if args.pairs:
         dataset = data.PreferenceDataset(args.pairs, enc, args.max_len, args.max_prompt_len)
+        records = [r for r, _ in data.read_records(args.pairs)]
+        groups = None  # TinyChat's pairs name their flaw: split the shifts by it
+        if len(records) == len(dataset) and all(isinstance(r, dict) and "flaw" in r
+                                                 for r in records):
+            groups = [r["flaw"] for r in records]
         for path, model in models.items():
             acc, margin = pair_accuracy(model, reference, dataset, args.beta, args.device)
             results[path] = {"pairs/accuracy": acc, "pairs/margin": margin}
+            results[path].update(likelihood_shift(model, reference, dataset, args.device,
+                                                  groups))
         print_table(f"preference accuracy on {args.pairs} ({len(dataset)} pairs, reference "
-                    f"{ref_path}, beta {args.beta})", args.ckpt, results,
-                    ["pairs/accuracy", "pairs/margin"])
+                    f"{ref_path}, beta {args.beta}); log-prob shifts from the reference, "
+                    "per token (sum: per answer)", args.ckpt, results,
+                    sorted({k for r in results.values() for k in r}))
     else:
         rows = eval_prompts(args.prompts)
         if args.limit:

@@ -70,7 +70,7 @@ def test_preference_accuracy_of_the_reference_against_itself_is_zero(checkpoints
     run_evaluate("--ckpt", a, "--ckpt", b, "--ref", a, "--pairs", str(pairs), "--json", report)
     with open(report) as f:
         results = json.load(f)["results"]
-    assert results[a] == {"pairs/accuracy": 0.0, "pairs/margin": 0.0}  # strict >
+    assert (results[a]["pairs/accuracy"], results[a]["pairs/margin"]) == (0.0, 0.0)  # strict >
     assert results[b]["pairs/margin"] != 0.0
 
 
@@ -82,3 +82,23 @@ def test_win_rate_counts_ties_as_half():
     b = [[s(1.0), s(1.0)], [s(0.0), s(0.8)]]
     assert evaluate.win_rate(a, b) == (0.5 + 1 + 0 + 0.5) / 4
     assert evaluate.kl_estimate([[1.0, 3.0]], [[0.0, 0.0]]) == pytest.approx((2.0, 1.0))
+
+
+def test_pair_file_report_measures_where_log_probs_moved(checkpoints, tmp_path, write_file):
+    """--pairs: accuracy, margin, and the per-token log-prob shifts from the reference; a
+    checkpoint against itself has every shift exactly 0; TinyChat's `flaw` field splits
+    the per-answer sums. A hand-made pair shares the prefix "Paris" and then differs."""
+    a, b = checkpoints
+    pairs = write_file("pairs.jsonl", [
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Paris, you fool.",
+         "flaw": "rude"},
+        {"prompt": "2+2?", "chosen": "4.", "rejected": "5.", "flaw": "wrong"}])
+    report = str(tmp_path / "pairs.json")
+    run_evaluate("--ckpt", a, "--ckpt", b, "--ref", a, "--pairs", pairs, "--json", report)
+    with open(report) as f:
+        results = json.load(f)["results"]
+    assert all(v == 0.0 for k, v in results[a].items() if k.startswith("shift/"))
+    assert {"shift/chosen/shared_prefix", "shift/chosen/after_divergence",
+            "shift/rejected/sum/rude", "shift/rejected/sum/wrong"} <= set(results[b])
+    assert results[b]["shift/chosen/shared_prefix"] != 0.0
+    assert 0.0 < results[b]["p_end/chosen"] < 1.0

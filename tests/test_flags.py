@@ -192,10 +192,16 @@ def test_evaluate_on_your_own_prompt_file(sft_ckpt, tmp_path):
 
 def test_shape_flags_reach_the_model(files, tmp_path):
     train_sft.main(sft_args(files, tmp_path, "--steps", "1", "--batch-size", "4",
-                            "--ffn-dim", "48", "--rope-theta", "10000", "--norm-eps", "1e-6"))
-    config = load_checkpoint(str(tmp_path / "sft.pt"))["config"]
+                            "--ffn-dim", "48", "--rope-theta", "10000", "--norm-eps", "1e-6",
+                            "--qk-norm", "--n-experts", "3", "--experts-per-token", "1",
+                            "--aux-loss-coef", "0.01"))
+    ckpt = load_checkpoint(str(tmp_path / "sft.pt"))
+    config = ckpt["config"]
     assert (config["dim"], config["n_layers"], config["ffn_dim"]) == (32, 2, 48)
     assert config["rope_theta"] == 10000 and config["norm_eps"] == 1e-6
+    assert config["qk_norm"] and "layers.0.attn.q_norm.weight" in ckpt["model"]
+    assert (config["n_experts"], config["experts_per_token"], config["aux_loss_coef"]) == (
+        3, 1, 0.01) and "layers.1.ffn.experts.2.w2.weight" in ckpt["model"]
     assert SHAPE[SHAPE.index("--max-seq-len") + 1] == str(config["max_seq_len"])
 
 
