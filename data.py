@@ -1,7 +1,9 @@
 """The data side of minidpo: chat template, file readers, datasets, batching.
 
 1. (tokenizer.py: the byte-level BPE and its .tiktoken file.)
-2. The ChatML template, rendering messages to `(ids, loss_mask)`.
+2. The chat template, rendering messages to `(ids, loss_mask)`: ChatML, or
+   MiniMind's (a think block in each assistant turn) for a converted MiniMind
+   tokenizer.
 3. Readers for the SFT and preference formats (JSONL or a JSON array), with
    errors that name the file, the line and the problem.
 4. `SFTDataset` and `PreferenceDataset` with explicit truncation, collate
@@ -493,11 +495,15 @@ class PreferenceDataset:
         chat = Chat(enc)
         records, self.skipped = load_records(path, preference_messages, skip_invalid, log)
         self.items, self.dropped = [], Counter()
-        for prompt_msgs, chosen_msgs, rejected_msgs in records:
+        for n, (prompt_msgs, chosen_msgs, rejected_msgs) in enumerate(records, 1):
             prompt = fit_prompt(chat, prompt_msgs, max_prompt_len)
             room = max(max_len - len(prompt), 0)  # response tokens that fit after the prompt
-            chosen, chosen_mask = (x[:room] for x in chat.render_response(chosen_msgs))
-            rejected, rejected_mask = (x[:room] for x in chat.render_response(rejected_msgs))
+            try:
+                chosen, chosen_mask = (x[:room] for x in chat.render_response(chosen_msgs))
+                rejected, rejected_mask = (x[:room]
+                                           for x in chat.render_response(rejected_msgs))
+            except ValueError as e:
+                raise ValueError(f"{path}: valid pair {n}: {e}") from None
             if sum(chosen_mask) == 0 or sum(rejected_mask) == 0:
                 self.dropped["no response tokens left"] += 1
                 continue

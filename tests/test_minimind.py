@@ -196,3 +196,14 @@ def test_moe_load_balancing_loss_is_trained_and_logged(converted, files, tmp_pat
         logged = [json.loads(line) for line in f]
     assert all(r["loss/aux"] > 0 and math.isfinite(r["loss"]) for r in logged)
     assert SHAPE  # the SFT run above used the tests' small shape
+
+
+def test_dpo_pairs_with_reasoning_are_refused_with_the_minimind_template(mm_enc, tmp_path):
+    think = {"role": "assistant", "content": "<think>\nhmm\n</think>\n\n4"}
+    path = minimind_pairs(tmp_path / "dpo.jsonl", n=2)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"chosen": [{"role": "user", "content": "2+2?"}, think],
+                            "rejected": [{"role": "user", "content": "2+2?"},
+                                         {"role": "assistant", "content": "5"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"dpo.jsonl: valid pair 3: .*<think> reasoning"):
+        data.PreferenceDataset(path, mm_enc, log=None)
