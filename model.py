@@ -18,6 +18,7 @@ import io
 import math
 import os
 import pickle
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -197,8 +198,16 @@ class Attention(nn.Module):
         else:  # new tokens at positions start..start+T-1 over S keys
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
             causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        fp32_attention = x.device.type == "cpu" and q.dtype == torch.bfloat16
+        if fp32_attention:
+            # PyTorch's CPU flash-attention kernel is ~3x slower in bf16 than in fp32
+            # (forward + backward at TinyChat's shapes; README, Performance): on CPU the
+            # attention itself runs in fp32 (autocast off, or it casts back to bf16), the
+            # projections around it stay in bf16.
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast(x.device.type, enabled=False) if fp32_attention else nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.wo(y)
 

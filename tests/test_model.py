@@ -160,3 +160,23 @@ def test_sft_loss_counts_only_assistant_tokens():
     by_hand = -(log_probs[0, 2, 4] + log_probs[0, 3, 5] + log_probs[1, 1, 9]
                 + log_probs[1, 2, 10] + log_probs[1, 3, 1] + log_probs[1, 4, 2]) / 6
     assert torch.allclose(base, by_hand)
+
+
+def test_cpu_bf16_autocast_runs_attention_in_fp32(monkeypatch):
+    """CPU's bf16 flash-attention kernel is ~3x slower than fp32 (README, Performance), so
+    under CPU bf16 autocast the attention gets fp32 q, k, v; the projections stay bf16."""
+    import model as model_module
+    seen = []
+    real = model_module.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=1, n_heads=4, n_kv_heads=2))
+    ids = torch.randint(0, 40, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+    assert seen == [(torch.float32, False)] and logits.dtype == torch.bfloat16
+    assert (logits.float() - model(ids)).abs().max() < 0.1  # bf16 rounding, not a bug
