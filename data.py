@@ -75,8 +75,8 @@ class Chat:
         the text before `</think>` (less a leading `<think>`) and the text after it."""
         if self.template == "chatml" or END_THINK not in content:
             return "", content
-        reasoning, answer = content.split(END_THINK)[0], content.split(END_THINK)[-1]
-        return reasoning.split(THINK)[-1].strip("\n"), answer.lstrip("\n")
+        parts = content.split(END_THINK)
+        return parts[0].split(THINK)[-1].strip("\n"), parts[-1].lstrip("\n")
 
     def generation_prompt(self):
         """What the assistant's answer follows: `<|im_start|>assistant\n` (+ MiniMind's

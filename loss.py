@@ -190,51 +190,48 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     pi_logratios = policy_chosen_logps - policy_rejected_logps
     ref_logratios = reference_chosen_logps - reference_rejected_logps
     h = pi_logratios - ref_logratios  # h_{pi_theta}^{y_w, y_l} in the paper, (B,)
+    # The variants also name each answer's log-ratio and token count.
+    r_w = policy_chosen_logps - reference_chosen_logps  # (B,)
+    r_l = policy_rejected_logps - reference_rejected_logps  # (B,)
+    n_w, n_l = chosen_n_tokens, rejected_n_tokens
 
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * h)  # Eq. 7
         if label_smoothing > 0:  # conservative DPO: a share eps of the labels is flipped
             losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
+    elif loss_type == "robust":
+        losses = ((1 - label_smoothing) * -F.logsigmoid(beta * h)
+                  + label_smoothing * F.logsigmoid(-beta * h)) / (1 - 2 * label_smoothing)
+    elif loss_type == "ipo":  # per-token averages: h_avg = h with each logps / its length
+        losses = (r_w / n_w - r_l / n_l - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "norm":
+        losses = -F.logsigmoid(beta * (r_w / n_w - r_l / n_l))
+    elif loss_type == "dpop":
+        losses = -F.logsigmoid(beta * (h - dpop_lambda * torch.relu(-r_w)))
+    elif loss_type == "simpo":
+        losses = -F.logsigmoid(beta * (policy_chosen_logps / n_w
+                                       - policy_rejected_logps / n_l) - simpo_gamma)
+    elif loss_type == "rdpo":
+        losses = -F.logsigmoid(beta * h - rdpo_alpha * (n_w - n_l))
+    elif loss_type == "bco_pair":
+        losses = -F.logsigmoid(beta * r_w - bco_delta) - F.logsigmoid(-(beta * r_l - bco_delta))
+    elif loss_type == "nca_pair":
+        losses = (-F.logsigmoid(beta * r_w) - 0.5 * F.logsigmoid(-beta * r_w)
+                  - 0.5 * F.logsigmoid(-beta * r_l))
+    elif loss_type == "apo_zero":
+        losses = (1 - torch.sigmoid(beta * r_w)) + torch.sigmoid(beta * r_l)
+    elif loss_type == "sppo_hard":
+        losses = (r_w - 1 / (2 * beta)) ** 2 + (r_l + 1 / (2 * beta)) ** 2
+    elif loss_type == "orpo":
+        avg_w, avg_l = policy_chosen_logps / n_w, policy_rejected_logps / n_l
+        log_odds = (avg_w - log1mexp(avg_w)) - (avg_l - log1mexp(avg_l))
+        losses = -avg_w - beta * F.logsigmoid(log_odds)
     else:
-        # The variants below name the two log-ratios (r_w, r_l) and per-token averages.
-        r_w = policy_chosen_logps - reference_chosen_logps  # (B,)
-        r_l = policy_rejected_logps - reference_rejected_logps  # (B,)
-        n_w, n_l = chosen_n_tokens, rejected_n_tokens
-        eps = label_smoothing
-        if loss_type == "robust":
-            losses = ((1 - eps) * -F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)
-                      ) / (1 - 2 * eps)
-        elif loss_type == "ipo":  # per-token averages: h_avg = h with each logps / its length
-            losses = (r_w / n_w - r_l / n_l - 1 / (2 * beta)) ** 2
-        elif loss_type == "hinge":
-            losses = torch.relu(1 - beta * h)
-        elif loss_type == "norm":
-            losses = -F.logsigmoid(beta * (r_w / n_w - r_l / n_l))
-        elif loss_type == "dpop":
-            losses = -F.logsigmoid(beta * (h - dpop_lambda * torch.relu(-r_w)))
-        elif loss_type == "simpo":
-            losses = -F.logsigmoid(beta * (policy_chosen_logps / n_w
-                                           - policy_rejected_logps / n_l) - simpo_gamma)
-        elif loss_type == "rdpo":
-            losses = -F.logsigmoid(beta * h - rdpo_alpha * (n_w - n_l))
-        elif loss_type == "bco_pair":
-            losses = -F.logsigmoid(beta * r_w - bco_delta) - F.logsigmoid(-(beta * r_l - bco_delta))
-        elif loss_type == "nca_pair":
-            losses = (-F.logsigmoid(beta * r_w) - 0.5 * F.logsigmoid(-beta * r_w)
-                      - 0.5 * F.logsigmoid(-beta * r_l))
-        elif loss_type == "apo_zero":
-            losses = (1 - torch.sigmoid(beta * r_w)) + torch.sigmoid(beta * r_l)
-        elif loss_type == "sppo_hard":
-            losses = (r_w - 1 / (2 * beta)) ** 2 + (r_l + 1 / (2 * beta)) ** 2
-        elif loss_type == "orpo":
-            avg_w, avg_l = policy_chosen_logps / n_w, policy_rejected_logps / n_l
-            log_odds = (avg_w - log1mexp(avg_w)) - (avg_l - log1mexp(avg_l))
-            losses = -avg_w - beta * F.logsigmoid(log_odds)
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
 
-    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    chosen_rewards, rejected_rewards = beta * r_w.detach(), beta * r_l.detach()
     return losses, chosen_rewards, rejected_rewards
 
 

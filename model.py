@@ -88,7 +88,7 @@ def add_model_args(parser):
         if f.name == "vocab_size":
             continue  # always taken from the tokenizer
         flag, help = "--" + f.name.replace("_", "-"), f"override {f.name} (default: the preset's)"
-        if f.type is bool or isinstance(f.default, bool):
+        if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=help)
         else:

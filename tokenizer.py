@@ -276,11 +276,11 @@ def load_tokenizer(path=DEFAULT_TOKENIZER):
 def tokenizer_identity(path=DEFAULT_TOKENIZER):
     """What a checkpoint records to refuse a different tokenizer: file hash (with its
     sidecar's, if any) and vocab size."""
-    digest = hashlib.sha256()
-    for p in (path, sidecar_path(path)):
-        if p == path or os.path.exists(p):
-            with open(p, "rb") as f:
-                digest.update(f.read())
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read())
+    if os.path.exists(sidecar_path(path)):
+        with open(sidecar_path(path), "rb") as f:
+            digest.update(f.read())
     digest = digest.hexdigest()
     return {"sha256": digest, "vocab_size": load_tokenizer(path).n_vocab}
 
