@@ -220,3 +220,14 @@ def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
     assert os.listdir(tmp_path / "sigmoid/dpo")  # the reference cache and metrics
     again = run_script("sweep.py", *args, timeout=300)
     assert "[sigmoid]" not in again  # finished runs are not trained again
+
+
+def test_sweep_list_and_retrain(files, sft_ckpt, tmp_path):
+    listing = run_script("sweep.py", "--list")
+    assert "simpo          --loss simpo --beta 2.5 --simpo-gamma 1.25" in listing
+    assert "beta-0.1       --beta 0.1" in listing
+    args = ["--runs", "sigmoid", "--sft-ckpt", str(sft_ckpt), "--out-dir", str(tmp_path),
+            "--nproc", "1", "--samples", "1", "--limit", "6", "--train-flags",
+            f"--data {files['pairs_train']} --val-data '' --steps 1 --batch-size 4"]
+    run_script("sweep.py", *args, timeout=300)
+    assert "[sigmoid]" in run_script("sweep.py", *args, "--retrain", timeout=300)

@@ -207,3 +207,15 @@ def test_dpo_pairs_with_reasoning_are_refused_with_the_minimind_template(mm_enc,
                                          {"role": "assistant", "content": "5"}]}) + "\n")
     with pytest.raises(ValueError, match=r"dpo.jsonl: valid pair 3: .*<think> reasoning"):
         data.PreferenceDataset(path, mm_enc, log=None)
+
+
+def test_tokenizer_out_puts_the_converted_tokenizer_where_asked(tmp_path):
+    result = convert("--from-minimind", os.path.join(FIXTURES, "dense.pth"), "--tokenizer-dir",
+                     FIXTURES, "--out", tmp_path / "ckpt" / "sft.pt", "--tokenizer-out",
+                     tmp_path / "tok" / "mm.tiktoken")
+    assert result.returncode == 0, result.stderr
+    enc = tokenizer.load_tokenizer(str(tmp_path / "tok" / "mm.tiktoken"))
+    assert enc.chat_template == "minimind" and os.path.exists(tmp_path / "tok/mm.tiktoken.json")
+    assert load_checkpoint(tmp_path / "ckpt" / "sft.pt")["tokenizer"] == \
+        tokenizer.tokenizer_identity(str(tmp_path / "tok" / "mm.tiktoken"))
+    assert not os.path.exists(tmp_path / "ckpt" / "minimind.tiktoken")
