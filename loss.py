@@ -56,6 +56,15 @@ def sequence_logps(logits, labels, loss_mask):
     return (per_token * mask).sum(-1), mask.sum(-1)  # (B,) SUM, not mean; (B,)
 
 
+def head_logps(model, ids, positions, labels, chunked_head=False, rows=None):
+    """log p(label) (N,) at the N positions the model's output head runs at, in fp32."""
+    if chunked_head:
+        return model(ids, positions=positions, labels=labels, rows=rows)  # (N,) fp32
+    logits = model(ids, positions=positions, rows=rows).float()  # (N, V): N positions only
+    # log_softmax(logits)[label] = -cross_entropy(logits, label): one fused kernel each way
+    return -F.cross_entropy(logits, labels, reduction="none")
+
+
 def response_logps(model, ids, loss_mask, chunked_head=False):
     """sequence_logps(model(ids), ids, loss_mask), computed with less work: the output
     head runs only where a response token is predicted. Both trainers use this.
@@ -68,12 +77,7 @@ def response_logps(model, ids, loss_mask, chunked_head=False):
     targets = loss_mask[:, 1:].bool()  # (B, T-1): is token t+1 a response token?
     labels = ids[:, 1:][targets]  # (N,) the response tokens, row by row
     # Position t predicts token t+1, so the last token predicts nothing: leave it out.
-    if chunked_head:
-        picked = model(ids[:, :-1], positions=targets, labels=labels)  # (N,) fp32
-    else:
-        logits = model(ids[:, :-1], positions=targets).float()  # (N, V): N positions only
-        # log_softmax(logits)[label] = logits[label] - logsumexp(logits), without a 2nd (N, V)
-        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    picked = head_logps(model, ids[:, :-1], targets, labels, chunked_head)  # (N,)
     per_token = torch.zeros(targets.shape, device=ids.device)  # (B, T-1)
     per_token = per_token.masked_scatter(targets, picked)  # back to its (row, position)
     return per_token.sum(-1), targets.sum(-1).float()  # (B,) SUM, not mean; (B,)
@@ -89,6 +93,19 @@ def concatenated_logps(model, ids, loss_mask, chunked_head=False):
     return (ChosenRejected(chosen=logps[:B], rejected=logps[B:]),
             ChosenRejected(chosen=n_tokens[:B], rejected=n_tokens[B:]))
 
+
+
+def packed_logps(model, packed, chunked_head=False):
+    """concatenated_logps of a data.PackedPairs batch (opt-in --packed): the same numbers
+    (summed in another order), from a forward over each distinct token once."""
+    picked = head_logps(model, packed.ids, packed.pred, packed.labels, chunked_head,
+                        rows=packed)  # (M,)
+    n_rows = packed.index.shape[0]  # 2B
+    logps = picked.new_zeros(n_rows).index_add(0, packed.seq, picked)  # (2B,) SUM per row
+    n_tokens = torch.bincount(packed.seq, minlength=n_rows).float()  # (2B,)
+    B = n_rows // 2
+    return (ChosenRejected(chosen=logps[:B], rejected=logps[B:]),
+            ChosenRejected(chosen=n_tokens[:B], rejected=n_tokens[B:]))
 
 class ChunkedTokenLogps(torch.autograd.Function):
     """Opt-in (--chunked-head): log_softmax(hidden @ weight.T)[label] for each row of

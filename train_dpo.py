@@ -26,7 +26,7 @@ import data
 import tokenizer
 import training
 from loss import (LOSS_TYPES, METRIC_NAMES, REFERENCE_FREE_LOSSES, ChosenRejected,
-                  concatenated_logps, dpo_loss, preference_metrics)
+                  concatenated_logps, dpo_loss, packed_logps, preference_metrics)
 from model import (Transformer, add_model_args, check_tokenizer, config_from_args,
                    configure_optimizer, load_checkpoint, lr_at, model_from_checkpoint,
                    optimizer_step, save_checkpoint, save_tensors)
@@ -89,6 +89,9 @@ def parse_args(argv=None):
                         help="no reference model (its log-probs are taken as 0)")
     parser.add_argument("--max-prompt-len", type=int, default=128,
                         help="prompts are cut from the left to this many tokens")
+    parser.add_argument("--packed", action="store_true",
+                        help="speed: each pair's prompt once for chosen and rejected and no "
+                        "padding in the matmuls (data.PackedPairs); the same numbers")
     parser.add_argument("--precompute-ref", action="store_true",
                         help="compute the reference log-probs once, cache them on disk and "
                         "free the reference model: no reference forward per step")
@@ -119,6 +122,7 @@ def main(argv=None):
     log = print if is_main else (lambda *a, **k: None)
     training.seed_everything(args.seed)
     ctx = training.autocast(device, args.dtype)
+    training.warn_if_bf16_is_emulated(device, args.dtype, log)
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
 
     # ------------------------------------------------------------------------
@@ -161,8 +165,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------
     # 5. Optimizer, learning-rate schedule, AMP scaler
-    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay,
-                                    device_type=device.type)
+    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay)
     scaler = training.make_scaler(device, args.dtype)
     start_step = training.restore_training_state(resume, optimizer, scaler)
     if resume is not None:
@@ -193,13 +196,11 @@ def main(argv=None):
         for k, idx in enumerate(micro):
             last = k == len(micro) - 1
             sync = nullcontext() if last or dist_info.world_size == 1 else model.no_sync()
-            ids, mask = data.collate_pairs([train_ds[i] for i in idx], train_ds.pad_id)
-            ids, mask = ids.to(device), mask.to(device)  # (2B, T) each: B chosen, B rejected
+            batch = pair_batch(train_ds, idx, args, device)  # (ids, mask): 2B rows
             with sync:
                 with ctx:
-                    logps, n_tokens = concatenated_logps(model, ids, mask, args.chunked_head)
-                    ref = reference_logps(reference, ref_tables.get("train"), idx, ids, mask,
-                                          args)
+                    logps, n_tokens = pair_logps(model, batch, args)  # by name, (B,) each
+                    ref = reference_logps(reference, ref_tables.get("train"), idx, batch, args)
                 # DPO: Eq. 7 per pair, plus the optional RPO term (token-mean NLL of y_w).
                 losses, chosen_rewards, rejected_rewards = loss_fn(
                     logps.chosen, logps.rejected, ref.chosen, ref.rejected,
@@ -275,11 +276,10 @@ def evaluate(model, reference, ref_table, dataset, loss_fn, args, ctx, dist_info
     totals = [0.0] * (len(METRIC_NAMES) + 1)  # summed metrics, pairs
     with torch.no_grad():
         for idx in training.eval_batches(len(dataset), args.batch_size, dist_info):
-            ids, mask = data.collate_pairs([dataset[i] for i in idx], dataset.pad_id)
-            ids, mask = ids.to(dist_info.device), mask.to(dist_info.device)
+            batch = pair_batch(dataset, idx, args, dist_info.device)
             with ctx:
-                logps, n_tokens = concatenated_logps(model, ids, mask, args.chunked_head)
-                ref = reference_logps(reference, ref_table, idx, ids, mask, args)
+                logps, n_tokens = pair_logps(model, batch, args)
+                ref = reference_logps(reference, ref_table, idx, batch, args)
             losses, chosen_rewards, rejected_rewards = loss_fn(
                 logps.chosen, logps.rejected, ref.chosen, ref.rejected,
                 chosen_n_tokens=n_tokens.chosen, rejected_n_tokens=n_tokens.rejected)
@@ -321,18 +321,37 @@ def restore_variant_state(resume, reference):
     return state.get("bco_delta", 0.0)
 
 
-def reference_logps(reference, ref_table, idx, ids, mask, args):
+def pair_batch(dataset, idx, args, device):
+    """The pairs idx as one batch on device: (ids, mask) of data.collate_pairs, each
+    (2B, T), rows 0..B-1 chosen and B..2B-1 rejected; with --packed a data.PackedPairs."""
+    items = [dataset[i] for i in idx]
+    if args.packed:
+        return data.pack_pairs(items).to(device)
+    ids, mask = data.collate_pairs(items, dataset.pad_id)
+    return ids.to(device), mask.to(device)
+
+
+def pair_logps(model, batch, args):
+    """(logps, n_tokens) of a pair_batch, each a ChosenRejected of (B,) tensors."""
+    if args.packed:
+        return packed_logps(model, batch, args.chunked_head)
+    ids, mask = batch
+    return concatenated_logps(model, ids, mask, args.chunked_head)
+
+
+def reference_logps(reference, ref_table, idx, batch, args):
     """The reference's summed log-probs of a batch, as ChosenRejected: looked up in the
     precomputed table, 0 with --reference-free (and for simpo and orpo, which do not read
     them), or a no-grad forward of the reference."""
+    device = (batch.ids if args.packed else batch[0]).device
     if ref_table is not None:
-        rows = ref_table[idx].to(ids.device)  # (B, 2)
+        rows = ref_table[idx].to(device)  # (B, 2)
         return ChosenRejected(chosen=rows[:, 0], rejected=rows[:, 1])
     if reference is None:  # --reference-free: log pi_ref(y|x) taken as 0
-        zeros = torch.zeros(len(idx), device=ids.device)
+        zeros = torch.zeros(len(idx), device=device)
         return ChosenRejected(chosen=zeros, rejected=zeros)
     with torch.no_grad():
-        return concatenated_logps(reference, ids, mask, args.chunked_head)[0]
+        return pair_logps(reference, batch, args)[0]
 
 
 def precompute_reference(reference, train_ds, val_ds, args, run, ctx, dist_info, log):

@@ -67,6 +67,7 @@ def main(argv=None):
     log = print if is_main else (lambda *a, **k: None)
     training.seed_everything(args.seed)
     ctx = training.autocast(device, args.dtype)
+    training.warn_if_bf16_is_emulated(device, args.dtype, log)
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
 
     # ------------------------------------------------------------------------
@@ -98,8 +99,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------
     # 5. Optimizer, learning-rate schedule, AMP scaler
-    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay,
-                                    device_type=device.type)
+    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay)
     scaler = training.make_scaler(device, args.dtype)
     start_step = training.restore_training_state(resume, optimizer, scaler)
     if resume is not None:

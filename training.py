@@ -174,6 +174,28 @@ def autocast(device, dtype_name):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype_name])
 
 
+CPUINFO = "/proc/cpuinfo"
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 and AMX; Arm BF16
+
+
+def cpu_has_bf16():
+    """Whether this CPU multiplies bfloat16 in hardware, read off the flags in CPUINFO;
+    None where there is no such file (not Linux)."""
+    if not os.path.exists(CPUINFO):
+        return None
+    with open(CPUINFO) as f:
+        words = set(f.read().split())
+    return any(flag in words for flag in CPU_BF16_FLAGS)
+
+
+def warn_if_bf16_is_emulated(device, dtype_name, log):
+    """Say at start-up when --dtype bfloat16 will be slower than float32: on a CPU without
+    bf16 instructions, PyTorch emulates them."""
+    if device.type == "cpu" and dtype_name == "bfloat16" and cpu_has_bf16() is False:
+        log("warning: this CPU has no bfloat16 instructions (AVX512-BF16, AMX or Arm BF16): "
+            "--dtype bfloat16 is emulated here and will be slower than float32")
+
+
 def make_scaler(device, dtype_name):
     """A GradScaler, enabled for float16 only (bfloat16 has float32's range)."""
     return torch.amp.GradScaler(device.type, enabled=dtype_name == "float16")

@@ -1,37 +1,50 @@
-"""bench.py runs end to end and prints its table (figures themselves are not asserted)."""
+"""bench.py runs train_dpo.py and its naive trainer end to end and prints its table (the
+figures themselves are not asserted: speed is measured, never tested)."""
 
 import json
 import os
 import subprocess
 import sys
 
-from conftest import ROOT
+import bench
+from conftest import ROOT, SHAPE
+
+TINY = ["--batch-size", "4", "--max-len", "128", "--max-prompt-len", "48", *SHAPE]
 
 
-def test_bench_prints_a_row_per_mode():
-    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--modes", "naive", "precompute",
-           "sft", "--steps", "1", "--warmup", "1", "--pairs", "16", "--batch-size", "4",
-           "--dim", "32", "--n-layers", "1", "--n-heads", "4", "--n-kv-heads", "2",
-           "--ffn-dim", "64", "--vocab-size", "300", "--prompt-len", "10",
-           "--response-len", "20", "--max-len", "48", "--peak-shapes", "small", "--threads", "1",
-           "--preset", "tiny"]
+def test_bench_times_its_rows_on_both_sets(tmp_path):
+    result = tmp_path / "readings.json"
+    rows = ["naive", "packed-bf16"]
+    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--k1", "1", "--k2", "2",
+           "--rows", *rows, "--pairs", "24", "--work-dir", str(tmp_path), "--json",
+           str(result), "--extra", *TINY]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    table = [line for line in out.stdout.splitlines() if line.startswith("| tinychat")
+             or line.startswith("| synthetic")]
+    assert len(table) == 4 and all(" x naive" not in line for line in table), out.stdout
+    readings = json.loads(result.read_text())
+    assert {(r["set"], r["row"]) for r in readings} == {
+        (s, r) for s in ("tinychat", "synthetic") for r in rows}
+    assert all(r["peak_mib"] > 100 for r in readings)  # whole processes: torch alone is more
+
+
+def test_synthetic_pairs_are_english_words_in_minimind_tokens(tmp_path):
+    pairs_path, tok_path = bench.write_synthetic(str(tmp_path), 30)
+    assert bench.write_synthetic(str(tmp_path), 30) == (pairs_path, tok_path)  # reused
+    with open(pairs_path) as f:
+        pairs = [json.loads(line) for line in f]
+    assert len(pairs) == 30
+    for pair in pairs:
+        assert 30 <= len(pair["prompt"][0]["content"].split()) <= 50
+        assert 60 <= len(pair["chosen"][0]["content"].split()) <= 120
+    import tokenizer
+    assert tokenizer.load_tokenizer(tok_path).n_vocab == 6400
+
+
+def test_naive_trainer_runs_under_the_dpo_flags(files, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "naive", *bench.TIMING, "--steps",
+           "2", "--data", files["pairs_train"], *TINY, "--out-dir", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.splitlines()
-    for mode in ("naive", "precompute", "sft"):
-        assert any(line.startswith(mode + " ") for line in lines), out.stdout
-    assert "matmul peak" in out.stdout and "MFU" in out.stdout
-
-
-def test_one_bench_row_runs_on_its_own(tmp_path):
-    # what bench.py runs in a fresh process for each row: --run-mode writes --result
-    result = str(tmp_path / "row.json")
-    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--run-mode", "chunked", "--result",
-           result, "--steps", "1", "--warmup", "0", "--pairs", "8", "--batch-size", "4",
-           "--dim", "32", "--n-layers", "1", "--n-heads", "4", "--n-kv-heads", "2",
-           "--vocab-size", "300", "--prompt-len", "10", "--response-len", "20", "--max-len", "48"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    with open(result) as f:
-        row = json.load(f)
-    assert row["mode"] == "chunked" and row["pairs_per_s"] > 0
+    assert "done: 2 steps" in out.stdout

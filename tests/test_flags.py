@@ -11,6 +11,7 @@ import pytest
 
 import train_dpo
 import train_sft
+import training
 from conftest import ROOT, SHAPE, dpo_args, max_diff, sft_args, weights
 from model import load_checkpoint
 from tokenizer import DEFAULT_TOKENIZER
@@ -117,10 +118,26 @@ def test_trdpo_and_bco_resume_exactly(files, sft_ckpt, tmp_path):
 
 
 def test_chunked_head_trains_the_same_weights(files, sft_ckpt, tmp_path):
-    common = ["--steps", "3", "--batch-size", "4", "--precompute-ref", "--group-by-length"]
+    # lr 1e-4: Adam's first steps move a weight by ~lr whatever the size of its gradient, so
+    # at 1e-3 the last-bit differences of two fp32 summation orders grew to 5e-5 in 3 steps
+    common = ["--steps", "3", "--batch-size", "4", "--precompute-ref", "--group-by-length",
+              "--lr", "1e-4"]
     train_dpo.main(dpo_args(files, tmp_path / "plain", sft_ckpt, *common))
     train_dpo.main(dpo_args(files, tmp_path / "chunked", sft_ckpt, *common, "--chunked-head"))
     assert max_diff(weights(tmp_path / "plain/dpo.pt"), weights(tmp_path / "chunked/dpo.pt")) < 1e-5
+
+
+def test_packed_trains_the_same_weights_as_padded_rows(files, sft_ckpt, tmp_path):
+    # reference forward every step (no --precompute-ref): policy and reference both packed
+    common = ["--steps", "3", "--batch-size", "4"]
+    train_dpo.main(dpo_args(files, tmp_path / "plain", sft_ckpt, *common))
+    train_dpo.main(dpo_args(files, tmp_path / "packed", sft_ckpt, *common, "--packed"))
+    train_dpo.main(dpo_args(files, tmp_path / "both", sft_ckpt, *common, "--packed",
+                            "--chunked-head"))
+    plain = weights(tmp_path / "plain/dpo.pt")
+    assert max_diff(plain, weights(tmp_path / "packed/dpo.pt")) < 1e-5
+    assert max_diff(plain, weights(tmp_path / "both/dpo.pt")) < 1e-5
+    assert max_diff(plain, weights(sft_ckpt)) > 1e-4  # and the steps did train
 
 
 def test_max_prompt_len_and_skip_invalid_through_the_script(files, sft_ckpt, tmp_path,
@@ -231,3 +248,20 @@ def test_sweep_list_and_retrain(files, sft_ckpt, tmp_path):
             f"--data {files['pairs_train']} --val-data '' --steps 1 --batch-size 4"]
     run_script("sweep.py", *args, timeout=300)
     assert "[sigmoid]" in run_script("sweep.py", *args, "--retrain", timeout=300)
+
+
+@pytest.mark.parametrize("flags, dtype, warned", [("fpu sse2 avx512f", "bfloat16", True),
+                                                  ("fpu avx512f avx512_bf16", "bfloat16", False),
+                                                  ("fpu sse2", "float32", False)])
+def test_bf16_without_cpu_support_is_announced_at_start_up(files, sft_ckpt, tmp_path,
+                                                           monkeypatch, capsys, flags, dtype,
+                                                           warned):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(training, "CPUINFO", str(cpuinfo))
+    train_dpo.main(dpo_args(files, tmp_path / "dpo", sft_ckpt, "--steps", "1", "--dtype", dtype,
+                            "--no-save", "--val-data", ""))
+    train_sft.main(sft_args(files, tmp_path / "sft", "--steps", "1", "--dtype", dtype,
+                            "--no-save"))
+    out = capsys.readouterr().out
+    assert out.count("no bfloat16 instructions") == (2 if warned else 0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loss import (LOSS_TYPES, ChosenRejected, ChunkedTokenLogps, concatenated_logps, dpo_loss,
-                  preference_metrics, sequence_logps)
+                  packed_logps, preference_metrics, sequence_logps)
 from model import ModelConfig, Transformer
 
 
@@ -221,24 +221,62 @@ def test_concatenated_logps_equals_full_logits_path_and_names_chosen_rejected():
     assert torch.equal(torch.cat([n.chosen, n.rejected]), whole_n)
 
 
-def test_bench_naive_path_computes_the_same_logps_as_the_fast_path():
+def random_pairs(seed, shapes, vocab=37):
+    """Pairs of the given (prompt, chosen, rejected) lengths with random ids; a chosen
+    mask may have zeros inside (tokens not counted, as MiniMind's think blocks in SFT)."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for p, c, r in shapes:
+        seq = torch.randint(0, vocab, (p + c + r,), generator=g).tolist()
+        chosen_mask = [1] * c
+        if c > 2:
+            chosen_mask[1] = 0
+        items.append({"prompt": seq[:p], "chosen": seq[p:p + c], "chosen_mask": chosen_mask,
+                      "rejected": seq[p + c:], "rejected_mask": [1] * r})
+    return items
+
+
+def test_bench_naive_trainer_computes_the_same_logps_as_the_fast_path():
     import bench
     import data
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4,
                                     n_kv_heads=2, max_seq_len=64)).eval()
-    g = torch.Generator().manual_seed(1)
-    items = []
-    for p, c, r in [(5, 7, 3), (9, 2, 11), (4, 4, 4)]:
-        seq = torch.randint(0, 37, (p + c + r,), generator=g).tolist()
-        items.append({"prompt": seq[:p], "chosen": seq[p:p + c], "chosen_mask": [1] * c,
-                      "rejected": seq[p + c:], "rejected_mask": [1] * r})
+    items = random_pairs(1, [(5, 7, 3), (9, 2, 11), (4, 4, 4)])
     ids, mask = data.collate_pairs(items, pad_id=39)
+    padded = torch.nn.functional.pad(ids, (0, 48 - ids.shape[1]), value=39)  # as naive_main
+    padded_mask = torch.nn.functional.pad(mask, (0, 48 - ids.shape[1]))[:, 1:].float()
     with torch.no_grad():
         fast, _ = concatenated_logps(model, ids, mask)
-        naive = bench.naive_logps(model, *bench.pad_to(ids, mask, 48, 39))
-    assert (fast.chosen - naive.chosen).abs().max() < 1e-5
-    assert (fast.rejected - naive.rejected).abs().max() < 1e-5
+        naive = (bench.log_probs_of(model(padded[:, :-1]), padded[:, 1:]) * padded_mask).sum(-1)
+    assert (torch.cat([fast.chosen, fast.rejected]) - naive).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("chunked_head", [False, True])
+def test_packed_pairs_give_the_padded_rows_logps_and_gradients(chunked_head):
+    import data
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4,
+                                    n_kv_heads=2, max_seq_len=64))
+    # a 1-token prompt, responses longer and shorter than each other, a chosen mask with a 0
+    items = random_pairs(2, [(1, 6, 2), (9, 2, 11), (4, 4, 4), (3, 12, 1)])
+    ids, mask = data.collate_pairs(items, pad_id=39)
+    packed = data.pack_pairs(items)
+    assert len(packed.ids) == sum(len(x["prompt"]) + len(x["chosen"]) + len(x["rejected"])
+                                  for x in items) < ids.numel()  # each token once, no pads
+    results = []
+    for compute in (lambda: concatenated_logps(model, ids, mask, chunked_head),
+                    lambda: packed_logps(model, packed, chunked_head)):
+        model.zero_grad()
+        logps, n_tokens = compute()
+        (logps.chosen * torch.arange(1.0, 5.0) - logps.rejected).sum().backward()
+        results.append((logps, n_tokens, [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_n, plain_grads), (packed_lp, packed_n, packed_grads) = results
+    assert torch.equal(plain_n.chosen, packed_n.chosen)
+    assert torch.equal(plain_n.rejected, packed_n.rejected)
+    assert (plain.chosen - packed_lp.chosen).abs().max() < 1e-5
+    assert (plain.rejected - packed_lp.rejected).abs().max() < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(plain_grads, packed_grads)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

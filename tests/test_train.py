@@ -1,6 +1,7 @@
 """Both training scripts end to end: DDP equivalence, gradient accumulation, resume,
 AMP with GradScaler, the precomputed reference, and non-finite handling."""
 
+import json
 import math
 import os
 import subprocess
@@ -52,6 +53,17 @@ def test_dpo_two_processes_equal_one_process_and_grad_accum(files, sft_ckpt, tmp
     assert max_diff(one, weights(tmp_path / "two/dpo.pt")) < 1e-5
     assert max_diff(one, weights(tmp_path / "acc/dpo.pt")) < 1e-5
     assert max_diff(one, weights(sft_ckpt)) > 1e-4  # and training did move the weights
+
+
+def test_packed_dpo_on_two_processes_equals_one_process_padded(files, sft_ckpt, tmp_path):
+    common = ["--steps", "3", "--eval-every", "2"]  # the held-out pass is packed too
+    train_dpo.main(dpo_args(files, tmp_path / "one", sft_ckpt, *common, "--batch-size", "8"))
+    torchrun("train_dpo.py", dpo_args(files, tmp_path / "two", sft_ckpt, *common,
+                                      "--batch-size", "4", "--packed"))
+    assert max_diff(weights(tmp_path / "one/dpo.pt"), weights(tmp_path / "two/dpo.pt")) < 1e-5
+    val = [[r["val/loss"] for r in map(json.loads, open(tmp_path / d / "dpo/metrics.jsonl"))
+            if "val/loss" in r] for d in ("one", "two")]
+    assert len(val[0]) == 2 and max(abs(a - b) for a, b in zip(*val)) < 1e-5
 
 
 def test_dpo_resume_with_precomputed_reference_is_bit_equal(files, sft_ckpt, tmp_path):
