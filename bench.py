@@ -71,8 +71,10 @@ def parse_args(argv=None):
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes per run (> 1: torchrun --standalone; the naive "
                         "trainer runs in one process)")
-    parser.add_argument("--k1", type=int, default=5, help="steps of the short run")
-    parser.add_argument("--k2", type=int, default=25, help="steps of the long run")
+    parser.add_argument("--k1", type=int, default=None,
+                        help="steps of the short run (default: 20 on tinychat, 5 on synthetic)")
+    parser.add_argument("--k2", type=int, default=None,
+                        help="steps of the long run (default: 220 on tinychat, 25 on synthetic)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds; each round runs every row once, in order")
     parser.add_argument("--work-dir", default=os.path.join("out", "bench"),
@@ -115,6 +117,9 @@ def write_synthetic(work_dir, n_pairs, seed=0):
             f.write("\n".join(lines) + "\n")
         os.replace(pairs_path + ".tmp", pairs_path)
     return pairs_path, tok_path
+
+
+STEPS = {"tinychat": (20, 220), "synthetic": (5, 25)}  # (k1, k2): ~20 s apart on 2 cores
 
 
 def set_flags(name, args):
@@ -200,17 +205,17 @@ def command(row, set_args, steps, args, out_dir):
     return [sys.executable, "train_dpo.py", *flags]
 
 
-def time_row(row, set_args, args, out_dir):
-    """pairs/s from a --k1 and a --k2 run, and the longer run's peak MiB."""
+def time_row(row, set_args, k1, k2, args, out_dir):
+    """pairs/s from a k1-step and a k2-step run, and the longer run's peak MiB."""
     batch = 8 * (1 if ROWS[row] is None else args.nproc)
     for flag, value in zip(args.extra, args.extra[1:]):
         if flag == "--batch-size":
             batch = int(value) * (1 if ROWS[row] is None else args.nproc)
     os.makedirs(out_dir, exist_ok=True)
     log = os.path.join(out_dir, "log.txt")
-    t1, _ = run_once(command(row, set_args, args.k1, args, out_dir), log)
-    t2, peak = run_once(command(row, set_args, args.k2, args, out_dir), log)
-    return (args.k2 - args.k1) * batch / (t2 - t1), peak
+    t1, _ = run_once(command(row, set_args, k1, args, out_dir), log)
+    t2, peak = run_once(command(row, set_args, k2, args, out_dir), log)
+    return (k2 - k1) * batch / (t2 - t1), peak
 
 
 def main(argv=None):
@@ -222,15 +227,19 @@ def main(argv=None):
     readings = {}  # (set, row) -> [(pairs/s, peak MiB)]
     for name in args.sets:
         set_args = set_flags(name, args)
+        k1, k2 = args.k1 or STEPS[name][0], args.k2 or STEPS[name][1]
         for round_ in range(args.repeat):
             for row in args.rows:
                 out_dir = os.path.join(args.work_dir, "runs", f"{name}-{row}")
-                speed, peak = time_row(row, set_args, args, out_dir)
+                speed, peak = time_row(row, set_args, k1, k2, args, out_dir)
                 readings.setdefault((name, row), []).append((speed, peak))
                 print(f"{name:<10} {row:<12} round {round_ + 1}: {speed:6.2f} pairs/s, "
                       f"peak {peak:,.0f} MiB", flush=True)
-    print(f"\n{args.nproc} process(es) a run, {torch.get_num_threads()} threads here, "
-          f"steps {args.k1} vs {args.k2}, fp32 unless the row says bf16\n")
+    threads = (f"{torch.get_num_threads()} threads" if args.nproc == 1
+               else "torchrun's 1 thread each")
+    print(f"\n{args.nproc} process(es) a run, {threads}, steps "
+          + ", ".join(f"{n} {args.k1 or STEPS[n][0]} vs {args.k2 or STEPS[n][1]}"
+                      for n in args.sets) + "; fp32 unless the row says bf16\n")
     print("| data | row | pairs/s (median) | each reading | x naive | peak MiB | of naive's |")
     print("|---|---|---:|---|---:|---:|---:|")
     for name in args.sets:
