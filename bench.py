@@ -35,6 +35,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -75,6 +76,7 @@ def parse_args(argv=None):
                         help="steps of the short run (default: 20 on tinychat, 5 on synthetic)")
     parser.add_argument("--k2", type=int, default=None,
                         help="steps of the long run (default: 220 on tinychat, 25 on synthetic)")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step per process")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds; each round runs every row once, in order")
     parser.add_argument("--work-dir", default=os.path.join("out", "bench"),
@@ -186,16 +188,17 @@ def run_once(cmd, log_path):
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.time() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
         with open(log_path) as f:
             tail = f.read()[-3000:]
-        raise SystemExit(f"bench.py: {' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
+        raise SystemExit(f"bench.py: {' '.join(cmd)} failed ({code}):\n{tail}")
     return wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
 def command(row, set_args, steps, args, out_dir):
-    flags = [*TIMING, *set_args, "--steps", str(steps), "--out-dir", out_dir, *args.extra]
+    flags = [*TIMING, *set_args, "--steps", str(steps), "--batch-size", str(args.batch_size),
+             "--out-dir", out_dir, *args.extra]
     if ROWS[row] is None:
         return [sys.executable, os.path.abspath(__file__), "naive", *flags]
     flags += ROWS[row]
@@ -207,10 +210,7 @@ def command(row, set_args, steps, args, out_dir):
 
 def time_row(row, set_args, k1, k2, args, out_dir):
     """pairs/s from a k1-step and a k2-step run, and the longer run's peak MiB."""
-    batch = 8 * (1 if ROWS[row] is None else args.nproc)
-    for flag, value in zip(args.extra, args.extra[1:]):
-        if flag == "--batch-size":
-            batch = int(value) * (1 if ROWS[row] is None else args.nproc)
+    batch = args.batch_size * (1 if ROWS[row] is None else args.nproc)  # pairs a step
     os.makedirs(out_dir, exist_ok=True)
     log = os.path.join(out_dir, "log.txt")
     t1, _ = run_once(command(row, set_args, k1, args, out_dir), log)
@@ -225,9 +225,10 @@ def main(argv=None):
     args = parse_args(argv)
     args.work_dir = os.path.abspath(args.work_dir)  # the runs start in this file's folder
     readings = {}  # (set, row) -> [(pairs/s, peak MiB)]
+    steps = {name: (args.k1 or STEPS[name][0], args.k2 or STEPS[name][1]) for name in args.sets}
     for name in args.sets:
         set_args = set_flags(name, args)
-        k1, k2 = args.k1 or STEPS[name][0], args.k2 or STEPS[name][1]
+        k1, k2 = steps[name]
         for round_ in range(args.repeat):
             for row in args.rows:
                 out_dir = os.path.join(args.work_dir, "runs", f"{name}-{row}")
@@ -238,31 +239,25 @@ def main(argv=None):
     threads = (f"{torch.get_num_threads()} threads" if args.nproc == 1
                else "torchrun's 1 thread each")
     print(f"\n{args.nproc} process(es) a run, {threads}, steps "
-          + ", ".join(f"{n} {args.k1 or STEPS[n][0]} vs {args.k2 or STEPS[n][1]}"
-                      for n in args.sets) + "; fp32 unless the row says bf16\n")
+          + ", ".join(f"{n} {k1} vs {k2}" for n, (k1, k2) in steps.items())
+          + "; fp32 unless the row says bf16\n")
     print("| data | row | pairs/s (median) | each reading | x naive | peak MiB | of naive's |")
     print("|---|---|---:|---|---:|---:|---:|")
     for name in args.sets:
         naive = readings.get((name, "naive"))
-        base_speed = median([s for s, _ in naive]) if naive else None
+        base_speed = statistics.median([s for s, _ in naive]) if naive else None
         base_peak = max(p for _, p in naive) if naive else None
         for row in args.rows:
             speeds = [s for s, _ in readings[(name, row)]]
             peak = max(p for _, p in readings[(name, row)])
-            ratio = f"{median(speeds) / base_speed:.2f}" if base_speed else "-"
+            ratio = f"{statistics.median(speeds) / base_speed:.2f}" if base_speed else "-"
             share = f"{peak / base_peak:.0%}" if base_peak else "-"
-            print(f"| {name} | {row} | {median(speeds):.2f} | "
+            print(f"| {name} | {row} | {statistics.median(speeds):.2f} | "
                   f"{', '.join(f'{s:.2f}' for s in speeds)} | {ratio} | {peak:,.0f} | {share} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{"set": s, "row": r, "pairs_per_s": v, "peak_mib": p}
                        for (s, r), values in readings.items() for v, p in values], f, indent=1)
-
-
-def median(values):
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 if __name__ == "__main__":

@@ -570,7 +570,6 @@ def collate_pairs(items, pad_id):
     return ids, loss_mask
 
 
-
 @dataclass
 class PackedPairs:
     """A batch of pairs with each distinct token once (opt-in --packed): the prompt of a
@@ -626,6 +625,7 @@ def pack_pairs(items):
                     labels.append(token)
                     seq.append(row)
     return PackedPairs(*(torch.tensor(v) for v in (ids, index, back, pred, labels, seq)))
+
 
 def epoch_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, grad_accum=1,
                   group_by_length=False):

@@ -88,11 +88,7 @@ def concatenated_logps(model, ids, loss_mask, chunked_head=False):
     data.collate_pairs lays them out, rows 0..B-1 chosen and rows B..2B-1 rejected.
     Returns (logps, n_tokens), each a ChosenRejected of (B,) tensors: summed response
     log-probs and response token counts, by name."""
-    logps, n_tokens = response_logps(model, ids, loss_mask, chunked_head)  # (2B,) each
-    B = ids.shape[0] // 2
-    return (ChosenRejected(chosen=logps[:B], rejected=logps[B:]),
-            ChosenRejected(chosen=n_tokens[:B], rejected=n_tokens[B:]))
-
+    return split_chosen_rejected(*response_logps(model, ids, loss_mask, chunked_head))
 
 
 def packed_logps(model, packed, chunked_head=False):
@@ -103,9 +99,16 @@ def packed_logps(model, packed, chunked_head=False):
     n_rows = packed.index.shape[0]  # 2B
     logps = picked.new_zeros(n_rows).index_add(0, packed.seq, picked)  # (2B,) SUM per row
     n_tokens = torch.bincount(packed.seq, minlength=n_rows).float()  # (2B,)
-    B = n_rows // 2
+    return split_chosen_rejected(logps, n_tokens)
+
+
+def split_chosen_rejected(logps, n_tokens):
+    """(2B,) log-probs and token counts, rows 0..B-1 chosen and B..2B-1 rejected -> two
+    ChosenRejected of (B,) tensors."""
+    B = logps.shape[0] // 2
     return (ChosenRejected(chosen=logps[:B], rejected=logps[B:]),
             ChosenRejected(chosen=n_tokens[:B], rejected=n_tokens[B:]))
+
 
 class ChunkedTokenLogps(torch.autograd.Function):
     """Opt-in (--chunked-head): log_softmax(hidden @ weight.T)[label] for each row of

@@ -200,7 +200,8 @@ def main(argv=None):
             with sync:
                 with ctx:
                     logps, n_tokens = pair_logps(model, batch, args)  # by name, (B,) each
-                    ref = reference_logps(reference, ref_tables.get("train"), idx, batch, args)
+                    ref = reference_logps(reference, ref_tables.get("train"), idx, batch, args,
+                                          device)
                 # DPO: Eq. 7 per pair, plus the optional RPO term (token-mean NLL of y_w).
                 losses, chosen_rewards, rejected_rewards = loss_fn(
                     logps.chosen, logps.rejected, ref.chosen, ref.rejected,
@@ -279,7 +280,7 @@ def evaluate(model, reference, ref_table, dataset, loss_fn, args, ctx, dist_info
             batch = pair_batch(dataset, idx, args, dist_info.device)
             with ctx:
                 logps, n_tokens = pair_logps(model, batch, args)
-                ref = reference_logps(reference, ref_table, idx, batch, args)
+                ref = reference_logps(reference, ref_table, idx, batch, args, dist_info.device)
             losses, chosen_rewards, rejected_rewards = loss_fn(
                 logps.chosen, logps.rejected, ref.chosen, ref.rejected,
                 chosen_n_tokens=n_tokens.chosen, rejected_n_tokens=n_tokens.rejected)
@@ -339,11 +340,10 @@ def pair_logps(model, batch, args):
     return concatenated_logps(model, ids, mask, args.chunked_head)
 
 
-def reference_logps(reference, ref_table, idx, batch, args):
+def reference_logps(reference, ref_table, idx, batch, args, device):
     """The reference's summed log-probs of a batch, as ChosenRejected: looked up in the
     precomputed table, 0 with --reference-free (and for simpo and orpo, which do not read
     them), or a no-grad forward of the reference."""
-    device = (batch.ids if args.packed else batch[0]).device
     if ref_table is not None:
         rows = ref_table[idx].to(device)  # (B, 2)
         return ChosenRejected(chosen=rows[:, 0], rejected=rows[:, 1])

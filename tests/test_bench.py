@@ -9,15 +9,16 @@ import sys
 import bench
 from conftest import ROOT, SHAPE
 
-TINY = ["--batch-size", "4", "--max-len", "128", "--max-prompt-len", "48", *SHAPE]
+TINY = ["--max-len", "128", "--max-prompt-len", "48", *SHAPE]
 
 
 def test_bench_times_its_rows_on_both_sets(tmp_path):
     result = tmp_path / "readings.json"
     rows = ["naive", "packed-bf16"]
     cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--k1", "1", "--k2", "2",
-           "--rows", *rows, "--pairs", "24", "--work-dir", str(tmp_path), "--json",
-           str(result), "--extra", *TINY]
+           "--sets", "tinychat", "synthetic", "--rows", *rows, "--batch-size", "4",
+           "--pairs", "24", "--work-dir", str(tmp_path), "--json", str(result),
+           "--extra", *TINY]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     table = [line for line in out.stdout.splitlines() if line.startswith("| tinychat")
@@ -44,7 +45,20 @@ def test_synthetic_pairs_are_english_words_in_minimind_tokens(tmp_path):
 
 def test_naive_trainer_runs_under_the_dpo_flags(files, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "naive", *bench.TIMING, "--steps",
-           "2", "--data", files["pairs_train"], *TINY, "--out-dir", str(tmp_path)]
+           "2", "--data", files["pairs_train"], "--batch-size", "4", *TINY,
+           "--out-dir", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "done: 2 steps" in out.stdout
+
+
+def test_bench_repeat_gives_a_reading_per_round(tmp_path):
+    result = tmp_path / "readings.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--sets", "synthetic", "--rows",
+           "packed", "--repeat", "2", "--k1", "1", "--k2", "2", "--batch-size", "4",
+           "--pairs", "24", "--work-dir", str(tmp_path), "--json", str(result), "--extra", *TINY]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "round 2:" in out.stdout
+    readings = json.loads(result.read_text())
+    assert [(r["set"], r["row"]) for r in readings] == [("synthetic", "packed")] * 2
