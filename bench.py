@@ -22,11 +22,18 @@ Rows:
   packed-chunked  `--packed --chunked-head`: nor an (N, V) logits tensor (less memory)
   bf16         `train_dpo.py --dtype bfloat16`
   packed-bf16  `train_dpo.py --packed --dtype bfloat16`
+  minimind     MiniMind's own trainer/train_dpo.py, from a MiniMind checkout given by
+               --minimind (synthetic set only: MiniMind reads its own tokenizer), on the
+               first k x batch synthetic pairs in its format, in one process, fp32 (its
+               CPU default), MiniMind's defaults otherwise (8 data-loader workers),
+               random weights (--from_weight none); it writes
+               checkpoints/bench_dpo_256*.pth in that checkout
 Every row runs the reference forward each step and no gradient accumulation.
 
 Run:  python bench.py                                  (both sets, every row, 1 process)
       python bench.py --sets tinychat --rows default bf16 --nproc 2
       python bench.py --repeat 3 --k1 5 --k2 25        (readings interleaved by round)
+      python bench.py --sets synthetic --minimind ~/minimind --minimind-python ~/mm/bin/python
 """
 
 import argparse
@@ -50,8 +57,9 @@ import train_dpo
 HERE = os.path.dirname(os.path.abspath(__file__))
 MINIMIND_TOKENIZER = os.path.join(HERE, "tests", "fixtures", "minimind", "tokenizer.json")
 
-ROWS = {  # name: flags of train_dpo.py (None: the naive trainer in this file)
-    "naive": None,
+ROWS = {  # name: flags of train_dpo.py (None: another trainer)
+    "minimind": None,  # MiniMind's own, with --minimind
+    "naive": None,  # the naive trainer in this file
     "default": [],
     "packed": ["--packed"],
     "packed-chunked": ["--packed", "--chunked-head"],
@@ -61,14 +69,17 @@ ROWS = {  # name: flags of train_dpo.py (None: the naive trainer in this file)
 TIMING = ["--sft-ckpt", "", "--val-data", "", "--no-save", "--samples", "0", "--quiet"]
 SHAPE = ["--dim", "256", "--n-layers", "4", "--n-heads", "8", "--n-kv-heads", "4",
          "--ffn-dim", "832"]
+# MiniMind's trainer at SHAPE: MiniMindConfig's defaults give the heads (8/4), the FFN
+# (ceil(256 pi / 64) x 64 = 832) and the 6,400-word vocabulary
+MINIMIND_SHAPE = ["--hidden_size", "256", "--num_hidden_layers", "4", "--max_seq_len", "256"]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", default=["tinychat", "synthetic"],
                         choices=["tinychat", "synthetic"], help="data sets to time on")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
-                        help="what to time")
+    parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS),
+                        help="what to time (default: every row; minimind with --minimind)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes per run (> 1: torchrun --standalone; the naive "
                         "trainer runs in one process)")
@@ -83,9 +94,20 @@ def parse_args(argv=None):
                         help="synthetic data, its tokenizer and the runs' output")
     parser.add_argument("--pairs", type=int, default=2000, help="synthetic pairs")
     parser.add_argument("--json", default=None, help="also write every reading here")
+    parser.add_argument("--minimind", default=None,
+                        help="a checkout of MiniMind (github.com/jingyaogong/minimind): adds "
+                        "the row of its own trainer")
+    parser.add_argument("--minimind-python", default=sys.executable,
+                        help="the Python that runs MiniMind (needs its requirements: "
+                        "transformers, datasets, pandas)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                        help="flags added to every run (after the set's own)")
-    return parser.parse_args(argv)
+                        help="flags added to every train_dpo.py run (after the set's own)")
+    args = parser.parse_args(argv)
+    if args.rows is None:
+        args.rows = [row for row in ROWS if row != "minimind" or args.minimind]
+    if "minimind" in args.rows and not args.minimind:
+        parser.error("the minimind row needs --minimind DIR (a MiniMind checkout)")
+    return args
 
 # ----------------------------------------------------------------------------
 # The data sets
@@ -122,6 +144,21 @@ def write_synthetic(work_dir, n_pairs, seed=0):
 
 
 STEPS = {"tinychat": (20, 220), "synthetic": (5, 25)}  # (k1, k2): ~20 s apart on 2 cores
+
+
+def write_minimind_pairs(pairs_path, n):
+    """The first n pairs of pairs_path in MiniMind's DPO format (chosen and rejected each
+    the whole conversation); returns the new file's path."""
+    path = f"{os.path.splitext(pairs_path)[0]}_minimind_{n}.jsonl"
+    with open(pairs_path) as f:
+        records = [json.loads(line) for line, _ in zip(f, range(n))]
+    if len(records) < n:  # MiniMind's epoch would end early: fewer steps than timed
+        raise SystemExit(f"bench.py: the minimind row needs {n} pairs, --pairs is {len(records)}")
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps({"chosen": r["prompt"] + r["chosen"],
+                                "rejected": r["prompt"] + r["rejected"]}) + "\n")
+    return path
 
 
 def set_flags(name, args):
@@ -181,11 +218,11 @@ def log_probs_of(logits, labels):
 # Timing
 
 
-def run_once(cmd, log_path):
+def run_once(cmd, cwd, log_path):
     """Run cmd to the end; (wall seconds, peak RSS in MiB of its largest process)."""
     t0 = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.time() - t0
     code = os.waitstatus_to_exitcode(status)
@@ -197,15 +234,29 @@ def run_once(cmd, log_path):
 
 
 def command(row, set_args, steps, args, out_dir):
+    """(command line, folder to run it in) of one timed run."""
+    if row == "minimind":  # one epoch over the first steps x batch pairs, as MiniMind runs
+        pairs = write_minimind_pairs(set_args[set_args.index("--data") + 1],
+                                     steps * args.batch_size)
+        return [args.minimind_python, "train_dpo.py", *MINIMIND_SHAPE, "--batch_size",
+                str(args.batch_size), "--beta", "0.1", "--from_weight", "none", "--data_path",
+                pairs, "--save_dir", out_dir, "--save_weight", "bench_dpo"], os.path.join(
+                    args.minimind, "trainer")
     flags = [*TIMING, *set_args, "--steps", str(steps), "--batch-size", str(args.batch_size),
              "--out-dir", out_dir, *args.extra]
     if ROWS[row] is None:
-        return [sys.executable, os.path.abspath(__file__), "naive", *flags]
+        return [sys.executable, os.path.abspath(__file__), "naive", *flags], HERE
     flags += ROWS[row]
     if args.nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={args.nproc}", "train_dpo.py", *flags]
-    return [sys.executable, "train_dpo.py", *flags]
+                f"--nproc_per_node={args.nproc}", "train_dpo.py", *flags], HERE
+    return [sys.executable, "train_dpo.py", *flags], HERE
+
+
+def rows_of(name, args):
+    """The rows that run on data set `name`: MiniMind's trainer reads only its own tokenizer,
+    so it runs on the synthetic set only."""
+    return [row for row in args.rows if row != "minimind" or name == "synthetic"]
 
 
 def time_row(row, set_args, k1, k2, args, out_dir):
@@ -213,8 +264,8 @@ def time_row(row, set_args, k1, k2, args, out_dir):
     batch = args.batch_size * (1 if ROWS[row] is None else args.nproc)  # pairs a step
     os.makedirs(out_dir, exist_ok=True)
     log = os.path.join(out_dir, "log.txt")
-    t1, _ = run_once(command(row, set_args, k1, args, out_dir), log)
-    t2, peak = run_once(command(row, set_args, k2, args, out_dir), log)
+    t1, _ = run_once(*command(row, set_args, k1, args, out_dir), log)
+    t2, peak = run_once(*command(row, set_args, k2, args, out_dir), log)
     return (k2 - k1) * batch / (t2 - t1), peak
 
 
@@ -223,14 +274,15 @@ def main(argv=None):
     if argv[:1] == ["naive"]:
         return naive_main(argv[1:])
     args = parse_args(argv)
-    args.work_dir = os.path.abspath(args.work_dir)  # the runs start in this file's folder
+    args.work_dir = os.path.abspath(args.work_dir)  # the runs start in other folders
+    args.minimind = args.minimind and os.path.abspath(args.minimind)
     readings = {}  # (set, row) -> [(pairs/s, peak MiB)]
     steps = {name: (args.k1 or STEPS[name][0], args.k2 or STEPS[name][1]) for name in args.sets}
     for name in args.sets:
         set_args = set_flags(name, args)
         k1, k2 = steps[name]
         for round_ in range(args.repeat):
-            for row in args.rows:
+            for row in rows_of(name, args):
                 out_dir = os.path.join(args.work_dir, "runs", f"{name}-{row}")
                 speed, peak = time_row(row, set_args, k1, k2, args, out_dir)
                 readings.setdefault((name, row), []).append((speed, peak))
@@ -241,19 +293,26 @@ def main(argv=None):
     print(f"\n{args.nproc} process(es) a run, {threads}, steps "
           + ", ".join(f"{n} {k1} vs {k2}" for n, (k1, k2) in steps.items())
           + "; fp32 unless the row says bf16\n")
-    print("| data | row | pairs/s (median) | each reading | x naive | peak MiB | of naive's |")
-    print("|---|---|---:|---|---:|---:|---:|")
+    bases = [row for row in ("minimind", "naive") if row in args.rows]  # compared against
+    print("| data | row | pairs/s (median) | each reading | peak MiB | "
+          + " | ".join(f"x {base} | of {base}'s MiB" for base in bases) + " |")
+    print("|---|---|---:|---|---:|" + "---:|---:|" * len(bases))
     for name in args.sets:
-        naive = readings.get((name, "naive"))
-        base_speed = statistics.median([s for s, _ in naive]) if naive else None
-        base_peak = max(p for _, p in naive) if naive else None
-        for row in args.rows:
+        for row in rows_of(name, args):
             speeds = [s for s, _ in readings[(name, row)]]
             peak = max(p for _, p in readings[(name, row)])
-            ratio = f"{statistics.median(speeds) / base_speed:.2f}" if base_speed else "-"
-            share = f"{peak / base_peak:.0%}" if base_peak else "-"
-            print(f"| {name} | {row} | {statistics.median(speeds):.2f} | "
-                  f"{', '.join(f'{s:.2f}' for s in speeds)} | {ratio} | {peak:,.0f} | {share} |")
+            cells = [f"{statistics.median(speeds):.2f}", ", ".join(f"{s:.2f}" for s in speeds),
+                     f"{peak:,.0f}"]
+            for base in bases:
+                base_readings = readings.get((name, base))
+                if base_readings is None:
+                    cells += ["-", "-"]
+                    continue
+                base_speed = statistics.median([s for s, _ in base_readings])
+                base_peak = max(p for _, p in base_readings)
+                cells += [f"{statistics.median(speeds) / base_speed:.2f}",
+                          f"{peak / base_peak:.0%}"]
+            print(f"| {name} | {row} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{"set": s, "row": r, "pairs_per_s": v, "peak_mib": p}

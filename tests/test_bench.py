@@ -62,3 +62,46 @@ def test_bench_repeat_gives_a_reading_per_round(tmp_path):
     assert "round 2:" in out.stdout
     readings = json.loads(result.read_text())
     assert [(r["set"], r["row"]) for r in readings] == [("synthetic", "packed")] * 2
+
+
+FAKE_MINIMIND = '''import argparse, json, os, sys
+p = argparse.ArgumentParser()
+for name in ["--hidden_size", "--num_hidden_layers", "--max_seq_len", "--batch_size", "--beta",
+             "--from_weight", "--data_path", "--save_dir", "--save_weight"]:
+    p.add_argument(name)
+args = p.parse_args()
+with open(args.data_path) as f:
+    pairs = [json.loads(line) for line in f]
+roles = [[m["role"] for m in pair["chosen"]] for pair in pairs]
+with open(os.path.join(os.path.dirname(__file__), "calls.jsonl"), "a") as f:
+    f.write(json.dumps({"cwd": os.getcwd(), "args": vars(args), "pairs": len(pairs),
+                        "roles": roles[0], "rejected": [m["role"] for m in pairs[0]["rejected"]]})
+            + "\\n")
+'''
+
+
+def test_minimind_row_runs_minimind_trainer_on_the_synthetic_pairs(tmp_path):
+    checkout = tmp_path / "minimind"
+    (checkout / "trainer").mkdir(parents=True)
+    (checkout / "trainer" / "train_dpo.py").write_text(FAKE_MINIMIND)
+    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--sets", "tinychat", "synthetic",
+           "--rows", "minimind", "--k1", "1", "--k2", "3", "--batch-size", "4", "--pairs", "24",
+           "--work-dir", str(tmp_path / "work"), "--minimind", str(checkout)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "| synthetic | minimind |" in out.stdout and "| tinychat |" not in out.stdout
+    calls = [json.loads(line) for line in (checkout / "trainer" / "calls.jsonl").open()]
+    assert [c["pairs"] for c in calls] == [4, 12]  # k x batch: one epoch is k steps
+    for call in calls:
+        assert call["cwd"] == str(checkout / "trainer")  # MiniMind's paths are relative to it
+        assert (call["roles"], call["rejected"]) == (["user", "assistant"], ["user", "assistant"])
+        assert {k: call["args"][k] for k in ("hidden_size", "num_hidden_layers", "max_seq_len",
+                                             "batch_size", "from_weight")} == {
+            "hidden_size": "256", "num_hidden_layers": "4", "max_seq_len": "256",
+            "batch_size": "4", "from_weight": "none"}
+
+
+def test_minimind_row_needs_a_checkout():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--rows", "minimind"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2 and "--minimind DIR" in out.stderr
