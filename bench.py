@@ -294,8 +294,8 @@ def main(argv=None):
           + ", ".join(f"{n} {k1} vs {k2}" for n, (k1, k2) in steps.items())
           + "; fp32 unless the row says bf16\n")
     bases = [row for row in ("minimind", "naive") if row in args.rows]  # compared against
-    print("| data | row | pairs/s (median) | each reading | peak MiB | "
-          + " | ".join(f"x {base} | of {base}'s MiB" for base in bases) + " |")
+    print("| data | row | pairs/s (median) | each reading | peak MiB |"
+          + "".join(f" x {base} | of {base}'s MiB |" for base in bases))
     print("|---|---|---:|---|---:|" + "---:|---:|" * len(bases))
     for name in args.sets:
         for row in rows_of(name, args):
