@@ -148,16 +148,19 @@ STEPS = {"tinychat": (20, 220), "synthetic": (5, 25)}  # (k1, k2): ~20 s apart o
 
 def write_minimind_pairs(pairs_path, n):
     """The first n pairs of pairs_path in MiniMind's DPO format (chosen and rejected each
-    the whole conversation); returns the new file's path."""
+    the whole conversation); returns the new file's path (reused if it is there)."""
     path = f"{os.path.splitext(pairs_path)[0]}_minimind_{n}.jsonl"
+    if os.path.exists(path):
+        return path
     with open(pairs_path) as f:
         records = [json.loads(line) for line, _ in zip(f, range(n))]
     if len(records) < n:  # MiniMind's epoch would end early: fewer steps than timed
         raise SystemExit(f"bench.py: the minimind row needs {n} pairs, --pairs is {len(records)}")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         for r in records:
             f.write(json.dumps({"chosen": r["prompt"] + r["chosen"],
                                 "rejected": r["prompt"] + r["rejected"]}) + "\n")
+    os.replace(path + ".tmp", path)
     return path
 
 
@@ -236,7 +239,7 @@ def run_once(cmd, cwd, log_path):
 def command(row, set_args, steps, args, out_dir):
     """(command line, folder to run it in) of one timed run."""
     if row == "minimind":  # one epoch over the first steps x batch pairs, as MiniMind runs
-        pairs = write_minimind_pairs(set_args[set_args.index("--data") + 1],
+        pairs = write_minimind_pairs(write_synthetic(args.work_dir, args.pairs)[0],
                                      steps * args.batch_size)
         return [args.minimind_python, "train_dpo.py", *MINIMIND_SHAPE, "--batch_size",
                 str(args.batch_size), "--beta", "0.1", "--from_weight", "none", "--data_path",
@@ -298,20 +301,15 @@ def main(argv=None):
           + "".join(f" x {base} | of {base}'s MiB |" for base in bases))
     print("|---|---|---:|---|---:|" + "---:|---:|" * len(bases))
     for name in args.sets:
-        for row in rows_of(name, args):
-            speeds = [s for s, _ in readings[(name, row)]]
-            peak = max(p for _, p in readings[(name, row)])
-            cells = [f"{statistics.median(speeds):.2f}", ", ".join(f"{s:.2f}" for s in speeds),
+        summary = {row: (statistics.median([s for s, _ in readings[(name, row)]]),
+                         max(p for _, p in readings[(name, row)])) for row in rows_of(name, args)}
+        for row, (speed, peak) in summary.items():
+            cells = [f"{speed:.2f}", ", ".join(f"{s:.2f}" for s, _ in readings[(name, row)]),
                      f"{peak:,.0f}"]
             for base in bases:
-                base_readings = readings.get((name, base))
-                if base_readings is None:
-                    cells += ["-", "-"]
-                    continue
-                base_speed = statistics.median([s for s, _ in base_readings])
-                base_peak = max(p for _, p in base_readings)
-                cells += [f"{statistics.median(speeds) / base_speed:.2f}",
-                          f"{peak / base_peak:.0%}"]
+                base_speed, base_peak = summary.get(base, (None, None))
+                cells += ([f"{speed / base_speed:.2f}", f"{peak / base_peak:.0%}"]
+                          if base_speed else ["-", "-"])
             print(f"| {name} | {row} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:

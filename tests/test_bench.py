@@ -84,14 +84,19 @@ def test_minimind_row_runs_minimind_trainer_on_the_synthetic_pairs(tmp_path):
     checkout = tmp_path / "minimind"
     (checkout / "trainer").mkdir(parents=True)
     (checkout / "trainer" / "train_dpo.py").write_text(FAKE_MINIMIND)
+    python = tmp_path / "python"  # --minimind-python: MiniMind's own environment
+    python.write_text(f"#!/bin/sh\necho run >> {tmp_path / 'ran'}\nexec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
     cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--sets", "tinychat", "synthetic",
            "--rows", "minimind", "--k1", "1", "--k2", "3", "--batch-size", "4", "--pairs", "24",
-           "--work-dir", str(tmp_path / "work"), "--minimind", str(checkout)]
+           "--work-dir", str(tmp_path / "work"), "--minimind", str(checkout),
+           "--minimind-python", str(python)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "| synthetic | minimind |" in out.stdout and "| tinychat |" not in out.stdout
     calls = [json.loads(line) for line in (checkout / "trainer" / "calls.jsonl").open()]
     assert [c["pairs"] for c in calls] == [4, 12]  # k x batch: one epoch is k steps
+    assert (tmp_path / "ran").read_text() == "run\nrun\n"  # both runs in that Python
     for call in calls:
         assert call["cwd"] == str(checkout / "trainer")  # MiniMind's paths are relative to it
         assert (call["roles"], call["rejected"]) == (["user", "assistant"], ["user", "assistant"])
