@@ -24,6 +24,10 @@ ChosenRejected = namedtuple("ChosenRejected", ["chosen", "rejected"])
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "norm", "dpop", "simpo", "rdpo", "bco_pair",
               "nca_pair", "apo_zero", "sppo_hard", "orpo")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # they never read the reference's log-probs
+SMOOTHED_LOSSES = ("sigmoid", "robust", "simpo")  # the ones --label-smoothing acts on
+# beta when --beta is not given: 2.0 was measured on TinyChat (README: Results); on other
+# data the paper's 0.1 (Rafailov et al. 2023 used 0.1-0.5; TRL's default is 0.1)
+TINYCHAT_BETA, PAPER_BETA = 2.0, 0.1
 METRIC_NAMES = ("loss", "loss/dpo", "loss/nll", "loss/aux", "rewards/chosen", "rewards/rejected",
                 "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 
@@ -163,6 +167,15 @@ class ChunkedTokenLogps(torch.autograd.Function):
 # The DPO loss family
 
 
+def choose_beta(beta, on_tinychat):
+    """(beta, why): the --beta given, else TINYCHAT_BETA on TinyChat, else PAPER_BETA."""
+    if beta is not None:
+        return beta, "--beta"
+    if on_tinychat:
+        return TINYCHAT_BETA, "the default measured on TinyChat; --beta to change"
+    return PAPER_BETA, "the DPO paper's, the default on data other than TinyChat; --beta to change"
+
+
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
              reference_rejected_logps, beta, loss_type="sigmoid", label_smoothing=0.0,
              chosen_n_tokens=None, rejected_n_tokens=None, dpop_lambda=50.0,
@@ -188,9 +201,12 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                penalty once the chosen answer falls below the reference (DPO-Positive,
                Smaug, Pal et al. 2024, arXiv:2402.13228; lambda = dpop_lambda)
       simpo    -log sigma(beta avg(log pi(y_w)) - beta avg(log pi(y_l)) - gamma): no
-               reference, a target margin gamma (Meng et al. 2024, arXiv:2405.14734)
-      rdpo     -log sigma(beta h - alpha (|y_w| - |y_l|)): longer chosen answers must
-               earn their length (R-DPO, Park et al. 2024, arXiv:2403.19159)
+               reference, a target margin gamma (Meng et al. 2024, arXiv:2405.14734);
+               label_smoothing eps as in conservative DPO (as TRL's CPO applies it)
+      rdpo     -log sigma(beta h + alpha (|y_w| - |y_l|)) (R-DPO, Park et al. 2024,
+               arXiv:2403.19159, Eq. 9): the reward a length-penalised judge would give
+               is r - alpha |y|, so a chosen answer that is longer gets a smaller loss
+               and gradient, one that wins by being shorter a larger one: no push to length
       bco_pair -log sigma(beta r_w - delta) - log sigma(-(beta r_l - delta)), delta a
                running mean of the rewards, kept by the trainer (Jung et al. 2024,
                arXiv:2404.04656)
@@ -204,8 +220,35 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                p / (1 - p) with p = exp(avg(log pi(y))); no reference (Hong et al. 2024,
                arXiv:2403.07691; beta is the paper's lambda)
 
-    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards being
-    beta * (log pi(y|x) - log pi_ref(y|x)), detached.
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards
+    detached: beta * (log pi(y|x) - log pi_ref(y|x)), the implicit reward of Eq. 5, for
+    every loss but simpo and orpo, which log beta * avg(log pi(y|x)), the quantity their
+    losses compare (SimPO's Eq. 4; TRL logs the same). Their margins and accuracies are
+    therefore not comparable with the other losses'.
+
+    tests/test_parity.py holds every loss TRL also has to TRL's own outputs
+    (tests/fixtures/trl). For the two it lacks, worked examples from the papers' equations;
+    R-DPO's Eq. 9 with r_w = -1, r_l = -3 (h = 2), |y_w| = 30, |y_l| = 10, beta 0.5,
+    alpha 0.05 gives -log sigma(0.5 * 2 + 0.05 * 20) = -log sigma(2) = 0.12693:
+
+        >>> import math
+        >>> t = lambda *v: torch.tensor(v, dtype=torch.float64)
+        >>> losses, _, _ = dpo_loss(t(-11.0), t(-23.0), t(-10.0), t(-20.0), beta=0.5,
+        ...                         loss_type="rdpo", rdpo_alpha=0.05,
+        ...                         chosen_n_tokens=t(30.0), rejected_n_tokens=t(10.0))
+        >>> round(losses.item(), 5), round(math.log(1 + math.exp(-2.0)), 5)
+        (0.12693, 0.12693)
+
+    DPOP's Eq. 3 with the chosen answer 0.1 below the reference (r_w = -0.1, r_l = -1,
+    h = 0.9), beta 1 and lambda 5: -log sigma(0.9 - 5 * 0.1) = -log sigma(0.4) = 0.51302;
+    above the reference the penalty is 0 and it is plain DPO, -log sigma(0.9) = 0.34115:
+
+        >>> losses, _, _ = dpo_loss(t(-10.1, -9.9), t(-21.0, -20.8), t(-10.0, -10.0),
+        ...                         t(-20.0, -20.0), beta=1.0, loss_type="dpop", dpop_lambda=5.0)
+        >>> [round(x, 5) for x in losses.tolist()]
+        [0.51302, 0.34115]
+        >>> round(math.log(1 + math.exp(-0.4)), 5), round(math.log(1 + math.exp(-0.9)), 5)
+        (0.51302, 0.34115)
     """
     pi_logratios = policy_chosen_logps - policy_rejected_logps
     ref_logratios = reference_chosen_logps - reference_rejected_logps
@@ -231,10 +274,11 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     elif loss_type == "dpop":
         losses = -F.logsigmoid(beta * (h - dpop_lambda * torch.relu(-r_w)))
     elif loss_type == "simpo":
-        losses = -F.logsigmoid(beta * (policy_chosen_logps / n_w
-                                       - policy_rejected_logps / n_l) - simpo_gamma)
+        margin = beta * (policy_chosen_logps / n_w - policy_rejected_logps / n_l) - simpo_gamma
+        losses = (-(1 - label_smoothing) * F.logsigmoid(margin)
+                  - label_smoothing * F.logsigmoid(-margin))
     elif loss_type == "rdpo":
-        losses = -F.logsigmoid(beta * h - rdpo_alpha * (n_w - n_l))
+        losses = -F.logsigmoid(beta * h + rdpo_alpha * (n_w - n_l))  # + : Park et al. Eq. 9
     elif loss_type == "bco_pair":
         losses = -F.logsigmoid(beta * r_w - bco_delta) - F.logsigmoid(-(beta * r_l - bco_delta))
     elif loss_type == "nca_pair":
@@ -247,11 +291,17 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     elif loss_type == "orpo":
         avg_w, avg_l = policy_chosen_logps / n_w, policy_rejected_logps / n_l
         log_odds = (avg_w - log1mexp(avg_w)) - (avg_l - log1mexp(avg_l))
+        # The NLL term is each pair's token mean over its answer (TRL pools all chosen
+        # tokens of the batch, the prompt's included): the same for equal-length answers.
         losses = -avg_w - beta * F.logsigmoid(log_odds)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
 
-    chosen_rewards, rejected_rewards = beta * r_w.detach(), beta * r_l.detach()
+    if loss_type in ("simpo", "orpo"):  # the rewards their losses compare: averaged, no ref
+        chosen_rewards = beta * (policy_chosen_logps / n_w).detach()
+        rejected_rewards = beta * (policy_rejected_logps / n_l).detach()
+    else:
+        chosen_rewards, rejected_rewards = beta * r_w.detach(), beta * r_l.detach()
     return losses, chosen_rewards, rejected_rewards
 
 

@@ -135,9 +135,11 @@ FORMULAS = {
         b * ((pc - rc) / nc - (pr - rr) / nr)),
     "dpop": lambda pc, pr, rc, rr, nc, nr, b: -log_sigmoid(
         b * ((pc - rc - pr + rr) - LAMBDA * max(0.0, rc - pc))),
-    "simpo": lambda pc, pr, rc, rr, nc, nr, b: -log_sigmoid(b * pc / nc - b * pr / nr - GAMMA),
+    "simpo": lambda pc, pr, rc, rr, nc, nr, b: (
+        -(1 - EPS) * log_sigmoid(b * pc / nc - b * pr / nr - GAMMA)
+        - EPS * log_sigmoid(-(b * pc / nc - b * pr / nr - GAMMA))),
     "rdpo": lambda pc, pr, rc, rr, nc, nr, b: -log_sigmoid(
-        b * (pc - rc - pr + rr) - ALPHA * (nc - nr)),
+        b * (pc - rc - pr + rr) + ALPHA * (nc - nr)),
     "bco_pair": lambda pc, pr, rc, rr, nc, nr, b: (-log_sigmoid(b * (pc - rc) - DELTA)
                                                   - log_sigmoid(-(b * (pr - rr) - DELTA))),
     "nca_pair": lambda pc, pr, rc, rr, nc, nr, b: (-log_sigmoid(b * (pc - rc))
@@ -173,8 +175,12 @@ def test_variant_matches_its_per_example_formula(loss_type):
     for i in range(32):
         args = [x[i].item() for x in (pc, pr, rc, rr, nc, nr)]
         assert losses[i].item() == pytest.approx(FORMULAS[loss_type](*args, beta), rel=1e-9)
-        assert cr[i].item() == pytest.approx(beta * (args[0] - args[2]))
-        assert rjr[i].item() == pytest.approx(beta * (args[1] - args[3]))
+        if loss_type in ("simpo", "orpo"):  # their own rewards: beta * averaged log-probs
+            assert cr[i].item() == pytest.approx(beta * args[0] / args[4])
+            assert rjr[i].item() == pytest.approx(beta * args[1] / args[5])
+        else:
+            assert cr[i].item() == pytest.approx(beta * (args[0] - args[2]))
+            assert rjr[i].item() == pytest.approx(beta * (args[1] - args[3]))
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
