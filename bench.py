@@ -53,6 +53,7 @@ import torch.nn.functional as F
 import data
 import tokenizer
 import train_dpo
+from errors import ArgumentParser, UserError, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MINIMIND_TOKENIZER = os.path.join(HERE, "tests", "fixtures", "minimind", "tokenizer.json")
@@ -75,7 +76,7 @@ MINIMIND_SHAPE = ["--hidden_size", "256", "--num_hidden_layers", "4", "--max_seq
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", default=["tinychat", "synthetic"],
                         choices=["tinychat", "synthetic"], help="data sets to time on")
     parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS),
@@ -155,7 +156,7 @@ def write_minimind_pairs(pairs_path, n):
     with open(pairs_path) as f:
         records = [json.loads(line) for line, _ in zip(f, range(n))]
     if len(records) < n:  # MiniMind's epoch would end early: fewer steps than timed
-        raise SystemExit(f"bench.py: the minimind row needs {n} pairs, --pairs is {len(records)}")
+        raise UserError(f"the minimind row needs {n} pairs, --pairs is {len(records)}")
     with open(path + ".tmp", "w") as f:
         for r in records:
             f.write(json.dumps({"chosen": r["prompt"] + r["chosen"],
@@ -221,6 +222,13 @@ def log_probs_of(logits, labels):
 # Timing
 
 
+def last_line(path):
+    """The last non-empty line of a log: where a failed run says what went wrong."""
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
 def run_once(cmd, cwd, log_path):
     """Run cmd to the end; (wall seconds, peak RSS in MiB of its largest process)."""
     t0 = time.time()
@@ -230,9 +238,8 @@ def run_once(cmd, cwd, log_path):
     wall = time.time() - t0
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        with open(log_path) as f:
-            tail = f.read()[-3000:]
-        raise SystemExit(f"bench.py: {' '.join(cmd)} failed ({code}):\n{tail}")
+        raise UserError(f"{' '.join(cmd)} failed (exit {code}): {last_line(log_path)} "
+                        f"(the whole output: {log_path})")
     return wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
@@ -318,4 +325,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

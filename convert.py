@@ -19,15 +19,16 @@ writes our weights in MiniMind's layout (fp32) and prints the MiniMindConfig
 arguments that load them.
 """
 
-import argparse
 import os
+import pickle
 import re
 
 import torch
 
 import tokenizer
-from model import ModelConfig, Transformer, load_checkpoint, model_from_checkpoint, \
-    save_checkpoint, save_tensors
+from errors import ArgumentParser, UserError, run_main
+from model import (ModelConfig, Transformer, load_checkpoint, model_from_checkpoint,
+                   save_checkpoint, save_tensors)
 
 MINIMIND_NORM_EPS = 1e-6  # MiniMindConfig.rms_norm_eps
 MINIMIND_ROPE_THETA = 1e6  # MiniMindConfig.rope_theta
@@ -68,7 +69,7 @@ def infer_config(state, n_heads, experts_per_token):
     is not in the weights at all (MiniMind's default is 1)."""
     def get(key):
         if key not in state:
-            raise ValueError(f"not a MiniMind state_dict: no '{key}'")
+            raise UserError(f"not a MiniMind state_dict: no '{key}'")
         return state[key]
     vocab_size, dim = get("model.embed_tokens.weight").shape
     n_layers = 1 + max(int(m.group(1)) for k in state
@@ -78,7 +79,7 @@ def infer_config(state, n_heads, experts_per_token):
     head_dim = state[attn + "q_norm.weight"].shape[0] if qk_norm else dim // n_heads
     q_rows, kv_rows = get(attn + "q_proj.weight").shape[0], get(attn + "k_proj.weight").shape[0]
     if q_rows != dim:
-        raise ValueError(f"heads x head size ({q_rows}) differs from the width ({dim}): "
+        raise UserError(f"heads x head size ({q_rows}) differs from the width ({dim}): "
                          f"minidpo's attention needs them equal")
     n_experts = state["model.layers.0.mlp.gate.weight"].shape[0] if (
         "model.layers.0.mlp.gate.weight" in state) else 0
@@ -91,23 +92,38 @@ def infer_config(state, n_heads, experts_per_token):
                        experts_per_token=min(experts_per_token, n_experts) if n_experts else 2)
 
 
+def read_minimind(path):
+    """A MiniMind .pth state_dict, read with torch.load(weights_only=True)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refusing to load a file that holds pickled objects other "
+                        f"than tensors ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:
+        raise UserError(f"{path}: not a readable torch.save file (corrupt or cut short?): "
+                        f"{str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{path}: not a MiniMind state_dict (a dict of tensors)")
+    return state
+
+
 def from_minimind(state, n_heads=8, experts_per_token=1):
     """A Transformer holding a MiniMind state_dict's weights, exactly (no rounding)."""
     config = infer_config(state, n_heads, experts_per_token)
     if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"],
                                                      state["model.embed_tokens.weight"]):
-        raise ValueError("lm_head.weight differs from model.embed_tokens.weight: minidpo ties "
+        raise UserError("lm_head.weight differs from model.embed_tokens.weight: minidpo ties "
                          "them, as MiniMind does by default")
     ours, used = {}, {"lm_head.weight"}
     for key, sources in key_map(config):
         missing = [s for s in sources if s not in state]
         if missing:
-            raise ValueError(f"MiniMind state_dict lacks {missing} (for {key})")
+            raise UserError(f"MiniMind state_dict lacks {missing} (for {key})")
         ours[key] = torch.cat([state[s].float() for s in sources], dim=0)
         used.update(sources)
     unmapped = sorted(set(state) - used)
     if unmapped:
-        raise ValueError(f"MiniMind state_dict keys that minidpo does not map: {unmapped}")
+        raise UserError(f"MiniMind state_dict keys that minidpo does not map: {unmapped}")
     ours["output.weight"] = ours["tok_embeddings.weight"]  # tied
     model = Transformer(config)
     model.load_state_dict(ours, strict=True)
@@ -142,7 +158,7 @@ def minimind_config_args(config):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     way = parser.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-minimind", metavar="PTH", help="a MiniMind state_dict (.pth)")
     way.add_argument("--to-minimind", metavar="PT", help="a minidpo checkpoint (.pt)")
@@ -162,7 +178,7 @@ def main(argv=None):
         if not args.tokenizer_dir:
             parser.error("--from-minimind needs --tokenizer-dir (the checkpoint records its "
                          "tokenizer)")
-        state = torch.load(args.from_minimind, map_location="cpu", weights_only=True)
+        state = read_minimind(args.from_minimind)
         model = from_minimind(state, args.n_heads, args.experts_per_token)
         tok_path = args.tokenizer_out or os.path.join(
             os.path.dirname(os.path.abspath(args.out)), "minimind.tiktoken")
@@ -170,8 +186,8 @@ def main(argv=None):
         enc = tokenizer.convert_hf_tokenizer(
             os.path.join(args.tokenizer_dir, "tokenizer.json"), tok_path)
         if enc.n_vocab != model.config.vocab_size:
-            raise SystemExit(f"the tokenizer has {enc.n_vocab} tokens, the model "
-                             f"{model.config.vocab_size}")
+            raise UserError(f"the tokenizer has {enc.n_vocab} tokens, the model "
+                            f"{model.config.vocab_size}")
         save_checkpoint(args.out, model, tokenizer.tokenizer_identity(tok_path))
         print(f"wrote {args.out} ({model.num_params():,} parameters, {model.config}) and "
               f"{tok_path}; train with --sft-ckpt {args.out} --tokenizer {tok_path}")
@@ -187,7 +203,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # a file that is not what it should be: say so, no traceback
-        raise SystemExit(f"convert.py: {e}") from None
+    run_main(main)

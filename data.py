@@ -23,6 +23,7 @@ from dataclasses import astuple, dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from errors import UserError
 from tokenizer import ENDOFTEXT, IM_END, IM_START, encode_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,7 +54,7 @@ class Chat:
         self.enc = enc
         self.template = template or getattr(enc, "chat_template", "chatml")
         if self.template not in TEMPLATES:
-            raise ValueError(f"unknown chat template {self.template!r}; choose from {TEMPLATES}")
+            raise UserError(f"unknown chat template {self.template!r}; choose from {TEMPLATES}")
         self.im_start = enc.encode_single_token(IM_START)
         self.im_end = enc.encode_single_token(IM_END)
         self.pad_id = enc.encode_single_token(ENDOFTEXT)
@@ -132,8 +133,8 @@ class Chat:
         trailing newline is left off: generation stops at <|im_end|>."""
         reasoning, content = self.split_reasoning(messages[0]["content"])
         if reasoning:
-            raise ValueError("a response with <think> reasoning: the MiniMind prompt ends "
-                             "with an empty think block, so DPO cannot score reasoning")
+            raise UserError("a response with <think> reasoning: the MiniMind prompt ends "
+                            "with an empty think block, so DPO cannot score reasoning")
         first = encode_text(self.enc, content) + [self.im_end]
         ids, mask = self.render(messages[1:])
         ids, mask = first + self.newline + ids, [1] * len(first) + [0] * len(self.newline) + mask
@@ -143,7 +144,12 @@ class Chat:
 # 3. Reading files
 
 
-class RecordError(ValueError):
+def is_tinychat(path):
+    """Whether path is one of the shipped TinyChat files in DATA_DIR."""
+    return os.path.dirname(os.path.realpath(path)) == os.path.realpath(DATA_DIR)
+
+
+class RecordError(UserError):
     """A problem with one record; `reason` is the short form used to count skips."""
 
     def __init__(self, message, reason=None):
@@ -153,27 +159,27 @@ class RecordError(ValueError):
 
 def read_records(path):
     """Yield (record, where) from a .jsonl file (one JSON value per line) or a .json array.
-    `where` is "path:line" or "path[index]"; every problem raises ValueError naming it."""
+    `where` is "path:line" or "path[index]"; every problem raises UserError naming it."""
     with open(path, "rb") as f:
         raw = f.read()
     if not raw.strip():
-        raise ValueError(f"{path}: the file is empty (no records)")
+        raise UserError(f"{path}: the file is empty (no records)")
     if raw.startswith(b"\xef\xbb\xbf"):
-        raise ValueError(f"{path}:1: the file starts with a UTF-8 byte-order mark (BOM); "
+        raise UserError(f"{path}:1: the file starts with a UTF-8 byte-order mark (BOM); "
                          "save it as UTF-8 without BOM")
     if path.lower().endswith(".json"):  # .json or .JSON: one array; else JSON Lines
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
-            raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte "
+            raise UserError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte "
                              f"{e.start})") from None
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(records, list):
-            raise ValueError(f"{path}: a .json file must hold an array of records, "
+            raise UserError(f"{path}: a .json file must hold an array of records, "
                              f"got {type(records).__name__}")
         for i, record in enumerate(records):
             yield record, f"{path}[{i}]"
@@ -387,7 +393,7 @@ def preference_messages(record, where):
 
 def load_records(path, parse, skip_invalid=False, log=print):
     """Parse every record of `path` with `parse(record, where)`. A bad record raises
-    ValueError("path:line: problem"), or with skip_invalid is skipped and counted by
+    UserError("path:line: problem"), or with skip_invalid is skipped and counted by
     reason (the counts are printed with `log`)."""
     out, skipped = [], Counter()
     for record, where in read_records(path):
@@ -397,13 +403,13 @@ def load_records(path, parse, skip_invalid=False, log=print):
             out.append(parse(record, where))
         except RecordError as e:
             if not skip_invalid:
-                raise ValueError(str(e)) from None
+                raise UserError(str(e)) from None
             skipped[e.reason] += 1
     if skipped and log:
         log(f"{path}: skipped {sum(skipped.values())} invalid records: "
             + ", ".join(f"{n} {reason}" for reason, n in skipped.most_common()))
     if not out:
-        raise ValueError(f"{path}: no valid records")
+        raise UserError(f"{path}: no valid records")
     return out, skipped
 
 # ----------------------------------------------------------------------------
@@ -503,8 +509,8 @@ class PreferenceDataset:
                 chosen, chosen_mask = (x[:room] for x in chat.render_response(chosen_msgs))
                 rejected, rejected_mask = (x[:room]
                                            for x in chat.render_response(rejected_msgs))
-            except ValueError as e:
-                raise ValueError(f"{path}: valid pair {n}: {e}") from None
+            except UserError as e:
+                raise UserError(f"{path}: valid pair {n}: {e}") from None
             if sum(chosen_mask) == 0 or sum(rejected_mask) == 0:
                 self.dropped["no response tokens left"] += 1
                 continue
@@ -517,7 +523,7 @@ class PreferenceDataset:
             log(f"{path}: dropped " + ", ".join(f"{n} pairs ({why})"
                                                 for why, n in self.dropped.items()))
         if not self.items:
-            raise ValueError(f"{path}: no usable pairs after truncation")
+            raise UserError(f"{path}: no usable pairs after truncation")
         self.pad_id = chat.pad_id
 
     def __len__(self):

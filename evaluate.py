@@ -15,7 +15,6 @@ log pi(y|x) - log pi_ref(y|x), with its standard error (at --temperature 1 only:
 samples at another temperature do not come from pi).
 """
 
-import argparse
 import json
 import math
 import os
@@ -24,10 +23,11 @@ import torch
 from tqdm import tqdm
 
 import data
-import tokenizer
 import tasks
-from loss import concatenated_logps, response_logps
-from sample import eval_prompts, load_model
+import tokenizer
+from errors import ArgumentParser, UserError, run_main
+from loss import PAPER_BETA, TINYCHAT_BETA, choose_beta, concatenated_logps, response_logps
+from sample import eval_prompts, fit_for_generation, load_model
 
 SKILLS = tasks.SKILLS
 
@@ -41,7 +41,14 @@ def generate_all(model, enc, rows, n_samples, temperature, max_new_tokens, seed,
     so results depend on --seed only, not on batching order.
     """
     chat = data.Chat(enc)
-    prompts = [chat.render_prompt(r["messages"]) for r in rows]
+    fitted = [fit_for_generation(chat, r["messages"], model.config.max_seq_len, max_new_tokens)
+              for r in rows]
+    prompts = [ids for ids, _ in fitted]
+    n_cut = sum(cut for _, cut in fitted)
+    if n_cut:
+        print(f"note: {n_cut} of {len(rows)} prompts are longer than the model's context "
+              f"allows (max_seq_len {model.config.max_seq_len}, {max_new_tokens} new tokens) "
+              "and were cut to fit, oldest turns first")
     by_length = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
@@ -186,7 +193,7 @@ def print_table(title, names, results, keys):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", action="append", required=True,
                         help="checkpoint to evaluate; repeat for several (first = baseline)")
     parser.add_argument("--ref", default=None,
@@ -201,7 +208,9 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer")
     parser.add_argument("--pairs", default=None,
                         help="a preference file: report held-out preference accuracy instead")
-    parser.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="beta of the implicit reward (default: train_dpo.py's for the "
+                        f"--pairs file: {TINYCHAT_BETA} on TinyChat, else {PAPER_BETA})")
     parser.add_argument("--max-len", type=int, default=256, help="pair truncation (tokens)")
     parser.add_argument("--max-prompt-len", type=int, default=128, help="prompt truncation")
     parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER, help=".tiktoken file")
@@ -217,6 +226,12 @@ def main():
     results = {p: {} for p in args.ckpt}
 
     if args.pairs:
+        args.beta, why = choose_beta(args.beta, data.is_tinychat(args.pairs))
+        print(f"beta {args.beta} ({why})")
+        context = min(m.config.max_seq_len for m in [reference, *models.values()])
+        if args.max_len > context:
+            raise UserError(f"--max-len {args.max_len} is longer than the model's context "
+                            f"(max_seq_len {context})")
         dataset = data.PreferenceDataset(args.pairs, enc, args.max_len, args.max_prompt_len)
         records = [r for r, _ in data.read_records(args.pairs)]
         groups = None  # TinyChat's pairs name their flaw: split the shifts by it
@@ -279,4 +294,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import ArgumentParser, UserError, run_main
 from loss import ChunkedTokenLogps
 
 
@@ -48,12 +49,12 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim ({self.dim}) must divide by n_heads ({self.n_heads}) and "
+            raise UserError(f"dim ({self.dim}) must divide by n_heads ({self.n_heads}) and "
                              f"n_heads by n_kv_heads ({self.n_kv_heads})")
         if self.ffn_dim == 0:
             self.ffn_dim = 64 * math.ceil(int(self.dim * 8 / 3) / 64)
         if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
-            raise ValueError(f"experts_per_token ({self.experts_per_token}) must be 1.."
+            raise UserError(f"experts_per_token ({self.experts_per_token}) must be 1.."
                              f"n_experts ({self.n_experts})")
 
 
@@ -480,44 +481,44 @@ def save_checkpoint(path, model, tokenizer, train_state=None):
 
 
 def load_checkpoint(path):
-    """Read a checkpoint with torch.load(weights_only=True). Anything else is a ValueError
+    """Read a checkpoint with torch.load(weights_only=True). Anything else is a UserError
     that names the file and says what is wrong: empty, not a checkpoint, corrupt or cut
     short, holding pickled objects (refused: loading them could run code), or written by
     a newer minidpo."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise UserError(f"no checkpoint at {path}")
     with open(path, "rb") as f:
         magic = f.read(4)
     if not magic:
-        raise ValueError(f"{path}: the file is empty (0 bytes), not a checkpoint")
+        raise UserError(f"{path}: the file is empty (0 bytes), not a checkpoint")
     is_zip = magic == b"PK\x03\x04"  # what torch.save writes
     is_pickle = len(magic) > 1 and magic[0] == 0x80 and 2 <= magic[1] <= 5  # may hold objects
     if not (is_zip or is_pickle):
-        raise ValueError(f"{path}: not a minidpo checkpoint (not a file written by torch.save)")
+        raise UserError(f"{path}: not a minidpo checkpoint (not a file written by torch.save)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refusing to load a checkpoint that holds pickled objects "
+        raise UserError(f"{path}: refusing to load a checkpoint that holds pickled objects "
                          f"other than tensors and plain values ({str(e).splitlines()[0]})"
                          ) from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
-        raise ValueError(f"{path}: the checkpoint is corrupt or cut short (a partial copy or "
+        raise UserError(f"{path}: the checkpoint is corrupt or cut short (a partial copy or "
                          f"download?): {str(e).splitlines()[0]}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path}: not a minidpo checkpoint (no 'model' entry)")
+        raise UserError(f"{path}: not a minidpo checkpoint (no 'model' entry)")
     if ckpt.get("format", 1) > CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: written by a newer minidpo (checkpoint format "
+        raise UserError(f"{path}: written by a newer minidpo (checkpoint format "
                          f"{ckpt['format']}; this version reads up to {CHECKPOINT_FORMAT})")
     for key in ("config", "tokenizer"):
         if key not in ckpt:
-            raise ValueError(f"{path}: not a minidpo checkpoint (no '{key}')")
+            raise UserError(f"{path}: not a minidpo checkpoint (no '{key}')")
     return ckpt
 
 
 def check_tokenizer(ckpt, tokenizer, path=""):
     """Refuse a checkpoint trained with another tokenizer than the data's."""
     if ckpt["tokenizer"] != dict(tokenizer):
-        raise ValueError(f"{path}: checkpoint was trained with a different tokenizer "
+        raise UserError(f"{path}: checkpoint was trained with a different tokenizer "
                          f"(checkpoint: {ckpt['tokenizer']}, data: {dict(tokenizer)})")
 
 
@@ -526,14 +527,14 @@ def model_from_checkpoint(ckpt, path=""):
     model = Transformer(ModelConfig(**ckpt["config"]))
     expected, found = set(model.state_dict()), set(ckpt["model"])
     if expected != found:
-        raise ValueError(f"{path}: checkpoint does not match the model: missing keys "
+        raise UserError(f"{path}: checkpoint does not match the model: missing keys "
                          f"{sorted(expected - found)}, unexpected keys {sorted(found - expected)}")
     model.load_state_dict(ckpt["model"], strict=True)
     return model
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Print a model shape and its size.")
+    parser = ArgumentParser(description="Print a model shape and its size.")
     add_model_args(parser)
     parser.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size")
     args = parser.parse_args()
@@ -543,4 +544,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

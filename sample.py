@@ -5,23 +5,53 @@ Run:  python sample.py --ckpt out/sft.pt --prompt "What is 7 + 5?"
       python sample.py --ckpt out/sft.pt --compare out/dpo.pt  (held-out prompts, both models)
 """
 
-import argparse
 import json
 import os
 
 import torch
 
 import data
-import tokenizer
 import tasks
+import tokenizer
+from errors import ArgumentParser, run_main
 from model import check_tokenizer, load_checkpoint, model_from_checkpoint
 
 
+def fit_for_generation(chat, messages, max_seq_len, max_new_tokens):
+    """Prompt ids that leave max_new_tokens of room in the model's context (the prompt
+    keeps at least half of it; the reply then stops at the context's end). A longer
+    conversation is cut by training's rule, data.fit_prompt: whole oldest turns first,
+    then the last message's text from the left, headers kept. Returns (ids, was_cut)."""
+    ids = chat.render_prompt(messages)
+    room = max(max_seq_len - max_new_tokens, max_seq_len // 2)
+    if len(ids) <= room:
+        return ids, False
+    return data.fit_prompt(chat, messages, room), True
+
+
+class SayOnce:
+    """log(message) the first time it is called, then nothing: one note per run."""
+
+    def __init__(self, log=print):
+        self.log, self.said = log, False
+
+    def __call__(self, message):
+        if not self.said:
+            self.log(message)
+            self.said = True
+
+
 def reply(model, enc, messages, max_new_tokens=96, temperature=0.0, top_k=None, top_p=None,
-          num_samples=1, generator=None, device="cpu"):
-    """The assistant's next message(s) after `messages`: a list of num_samples strings."""
+          num_samples=1, generator=None, device="cpu", note=print):
+    """The assistant's next message(s) after `messages`: a list of num_samples strings.
+    A prompt too long for the model's context is cut to fit, and `note` says so."""
     chat = data.Chat(enc)
-    prompt = torch.tensor([chat.render_prompt(messages)] * num_samples, device=device)  # (N, T)
+    ids, cut = fit_for_generation(chat, messages, model.config.max_seq_len, max_new_tokens)
+    if cut:
+        note(f"note: prompts longer than the model's context allows (max_seq_len "
+             f"{model.config.max_seq_len}, {max_new_tokens} new tokens) are cut to fit, "
+             "oldest turns first")
+    prompt = torch.tensor([ids] * num_samples, device=device)  # (N, T)
     outs = model.generate(prompt, max_new_tokens, temperature, top_k, top_p,
                           stop_id=chat.im_end, generator=generator)
     return [enc.decode([t for t in out if t != chat.im_end]) for out in outs]
@@ -50,16 +80,17 @@ def show_samples(model, enc, n, device, data_path, val_path, pairs=False):
     their judge scores, when the model trained on the shipped TinyChat data; else the
     first prompts of the user's own held-out file (val_path), or, with none, a hint."""
     model.eval()
-    if os.path.dirname(os.path.realpath(data_path)) == os.path.realpath(data.DATA_DIR):
+    note = SayOnce()
+    if data.is_tinychat(data_path):
         for row in one_per_skill(eval_prompts(), n):
-            answer = reply(model, enc, row["messages"], device=device)[0]
+            answer = reply(model, enc, row["messages"], device=device, note=note)[0]
             score = tasks.judge(row["meta"], answer)["score"]
             print(f"[{row['meta']['skill']}] {row['messages'][-1]['content']}\n"
                   f"  -> {answer!r}  (judge {score:.2f})")
         return
     prompts = held_out_prompts(val_path, n, pairs) if val_path else []
     for messages in prompts:
-        answer = reply(model, enc, messages, device=device)[0]
+        answer = reply(model, enc, messages, device=device, note=note)[0]
         print(f"[held-out] {messages[-1]['content']!r}\n  -> {answer!r}")
     if not prompts:
         print("to see answers: python sample.py --ckpt CHECKPOINT --tokenizer TOKENIZER "
@@ -89,7 +120,7 @@ def load_model(path, enc_path, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Generate from a minidpo checkpoint.")
+    parser = ArgumentParser(description="Generate from a minidpo checkpoint.")
     parser.add_argument("--ckpt", default="out/sft.pt", help="checkpoint to load")
     parser.add_argument("--compare", default=None, help="a second checkpoint, side by side")
     parser.add_argument("--prompt", default=None, help="one user message (else interactive, "
@@ -110,7 +141,7 @@ def main():
     if args.compare:
         models[args.compare] = load_model(args.compare, args.tokenizer, args.device)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, device=args.device)
+                   top_k=args.top_k, top_p=args.top_p, device=args.device, note=SayOnce())
 
     def answer_all(messages, meta=None):
         for name, model in models.items():
@@ -144,4 +175,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

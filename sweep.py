@@ -14,7 +14,6 @@ it. A finished run is not trained again (its folder holds dpo.pt and run.json) u
 --retrain; results go to OUT/table.md and OUT/results.json.
 """
 
-import argparse
 import glob
 import json
 import os
@@ -23,6 +22,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+from errors import ArgumentParser, UserError, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,6 +55,18 @@ RUNS = [
 NO_CACHE = ("simpo", "orpo", "trdpo")  # no reference, or a moving one
 
 
+def run_logged(cmd, log_path):
+    """Run cmd with its output in log_path; a failure names the log and what went wrong
+    (the run's first `error:` line, else its last line)."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        code = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()] or ["(no output)"]
+        said = next((line for line in lines if line.startswith("error: ")), lines[-1])
+        raise UserError(f"{log_path}: the run failed (exit {code}): {said}")
+
+
 def train(name, flags, args):
     """One train_dpo.py run in OUT/NAME; returns its run.json record."""
     out = os.path.join(args.out_dir, name)
@@ -76,8 +89,7 @@ def train(name, flags, args):
     print(f"[{name}] {' '.join(flags)}", flush=True)
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "train.log"), "w", encoding="utf-8") as log:
-        subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, check=True)
+    run_logged(cmd, os.path.join(out, "train.log"))
     with open(os.path.join(out, "dpo", "metrics.jsonl"), encoding="utf-8") as f:
         last = [json.loads(line) for line in f][-1]
     record = {"name": name, "flags": flags, "wall_s": time.time() - t0,
@@ -111,7 +123,7 @@ def table(runs, results, sft_path, samples, train_flags):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", default=[name for name, _ in RUNS],
                         help="which rows (default: all)")
     parser.add_argument("--sft-ckpt", default="out/sft.pt", help="the common starting point")
@@ -136,8 +148,10 @@ def main():
         parser.error(f"unknown runs {unknown}; see --list")
     args.out_dir, args.sft_ckpt = os.path.abspath(args.out_dir), os.path.abspath(args.sft_ckpt)
     if not os.path.exists(args.sft_ckpt):
-        raise SystemExit(f"no SFT checkpoint at {args.sft_ckpt}: run python train_sft.py")
+        raise UserError(f"no SFT checkpoint at {args.sft_ckpt}: run python train_sft.py")
 
+    print("beta: each run's --beta where it has one, else train_dpo.py's default for the "
+          "data (2.0 on TinyChat, 0.1 on other data); each OUT/RUN/train.log opens with it")
     t0 = time.time()
     runs = []
     for name in args.runs:
@@ -152,8 +166,7 @@ def main():
     for run in runs:
         cmd += ["--ckpt", os.path.join(run["out"], "dpo.pt")]
     print(f"evaluating {len(runs)} runs and the SFT model", flush=True)
-    with open(os.path.join(args.out_dir, "evaluate.log"), "w", encoding="utf-8") as log:
-        subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, check=True)
+    run_logged(cmd, os.path.join(args.out_dir, "evaluate.log"))
     with open(results_path, encoding="utf-8") as f:
         results = json.load(f)["results"]
     text = table(runs, results, args.sft_ckpt, args.samples, args.train_flags)
@@ -164,4 +177,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

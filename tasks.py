@@ -27,13 +27,13 @@ Run:  python tasks.py            regenerates data/ (byte for byte) and the token
       python tasks.py --out DIR  writes the same files somewhere else
 """
 
-import argparse
 import json
 import os
 import random
 import re
 import time
 
+from errors import ArgumentParser, run_main
 from tokenizer import train_tokenizer_on_files
 
 # ----------------------------------------------------------------------------
@@ -585,7 +585,7 @@ def generate(out_dir, seed=SEED, vocab_size=VOCAB_SIZE, verbose=True):
 
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
-    parser = argparse.ArgumentParser(description="Regenerate the TinyChat data and tokenizer.")
+    parser = ArgumentParser(description="Regenerate the TinyChat data and tokenizer.")
     parser.add_argument("--out", default=os.path.join(here, "data"),
                         help="output folder (default: data/ beside this file)")
     parser.add_argument("--seed", type=int, default=SEED, help="random seed")
@@ -596,4 +596,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,7 +17,6 @@ go in the .tiktoken file, and its special tokens, pre-split pattern and chat
 template in a small `.tiktoken.json` sidecar beside it.
 """
 
-import argparse
 import base64
 import hashlib
 import heapq
@@ -28,6 +27,8 @@ from collections import Counter
 
 import regex  # installed with tiktoken (its own dependency); gives tiktoken's exact split
 import tiktoken
+
+from errors import ArgumentParser, UserError, run_main
 
 # The GPT-4 (cl100k) pre-split: text is cut into chunks (words with their leading
 # space, runs of up to 3 digits, punctuation, whitespace) and BPE never merges
@@ -100,7 +101,7 @@ def merge_and_count(ids, pair, new_id, count, changed):
 def n_merges_for(vocab_size):
     """Merges to learn: the vocabulary holds 256 bytes, the merges and the specials."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}")
+        raise UserError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}")
     return vocab_size - 256 - len(SPECIAL_TOKENS)
 
 
@@ -128,7 +129,7 @@ def train_bpe_naive(texts, vocab_size):
         # duplicate: not a candidate.
         candidates = [p for p in counts if vocab[p[0]] + vocab[p[1]] not in ranks]
         if not candidates:
-            raise ValueError(f"the text only supports {256 + len(merges)} merged tokens; "
+            raise UserError(f"the text only supports {256 + len(merges)} merged tokens; "
                              f"asked for vocab_size {vocab_size}")
         pair = min(candidates, key=lambda p: (-counts[p], p))  # most frequent, then smallest
         merges[pair] = len(vocab)
@@ -169,7 +170,7 @@ def train_bpe(texts, vocab_size):
     merges = {}
     while len(merges) < n_merges:
         if not heap:
-            raise ValueError(f"the text only supports {256 + len(merges)} merged tokens; "
+            raise UserError(f"the text only supports {256 + len(merges)} merged tokens; "
                              f"asked for vocab_size {vocab_size}")
         neg_count, pair = heapq.heappop(heap)
         if pair_counts.get(pair, 0) != -neg_count or vocab[pair[0]] + vocab[pair[1]] in ranks:
@@ -244,29 +245,52 @@ def sidecar_path(path):
     return path + ".json"
 
 
+KNOWN_PATTERNS = (SPLIT_PATTERN, GPT2_SPLIT_PATTERN)
+
+
+def read_sidecar(path):
+    """The sidecar of a .tiktoken file as a dict ({} without one). Its pre-split pattern
+    must be one of KNOWN_PATTERNS: a regular expression from a file is not compiled (a
+    crafted one can hang or crash the regex engine)."""
+    if not os.path.exists(sidecar_path(path)):
+        return {}
+    with open(sidecar_path(path), encoding="utf-8") as f:
+        try:
+            side = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{sidecar_path(path)}: not valid JSON ({e})") from None
+    if not isinstance(side, dict):
+        raise UserError(f"{sidecar_path(path)}: must hold a JSON object")
+    if side.get("pattern", SPLIT_PATTERN) not in KNOWN_PATTERNS:
+        raise UserError(f"{sidecar_path(path)}: unknown pre-split 'pattern'; only GPT-4's "
+                        "and GPT-2's (tokenizer.KNOWN_PATTERNS) are accepted")
+    return side
+
+
 def load_tokenizer(path=DEFAULT_TOKENIZER):
     """Load a `.tiktoken` file as a `tiktoken.Encoding` (a Tokenizer). Without a sidecar
     file the three specials follow the ranks (our own tokenizers); with one (a converted
     tokenizer) its special tokens may sit at any ids, e.g. MiniMind's at 0..35."""
     ranks = {}
     with open(path, "rb") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    side = {}
-    if os.path.exists(sidecar_path(path)):
-        with open(sidecar_path(path), encoding="utf-8") as f:
-            side = json.load(f)
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError:  # also binascii.Error, a ValueError
+                    raise UserError(f"{path}:{n}: not a tiktoken file (each line: a base64 "
+                                    "token, a space, its rank)") from None
+    side = read_sidecar(path)
     specials = side.get("special_tokens") or {tok: len(ranks) + i
                                                for i, tok in enumerate(SPECIAL_TOKENS)}
     ids = sorted([*ranks.values(), *specials.values()])
     if ids != list(range(len(ids))):
-        raise ValueError(f"{path}: token ids (ranks and special tokens) must be 0..{len(ids) - 1}"
+        raise UserError(f"{path}: token ids (ranks and special tokens) must be 0..{len(ids) - 1}"
                          f", each used once")
     missing = [tok for tok in SPECIAL_TOKENS if tok not in specials]
     if missing:
-        raise ValueError(f"{sidecar_path(path)}: special tokens {missing} are missing")
+        raise UserError(f"{sidecar_path(path)}: special tokens {missing} are missing")
     name = os.path.splitext(os.path.basename(path))[0]
     return Tokenizer(name=name, pat_str=side.get("pattern", SPLIT_PATTERN),
                      mergeable_ranks=ranks, special_tokens=specials,
@@ -328,7 +352,7 @@ def convert_hf_tokenizer(json_path, out_path, chat_template="minimind"):
     model, pre = hf.get("model") or {}, hf.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get(
             "use_regex", True) or pre.get("add_prefix_space") or hf.get("normalizer"):
-        raise ValueError(f"{json_path}: not a byte-level BPE tokenizer like MiniMind's "
+        raise UserError(f"{json_path}: not a byte-level BPE tokenizer like MiniMind's "
                          f"(model {model.get('type')}, pre-tokenizer {pre.get('type')}, "
                          f"normaliser {hf.get('normalizer')})")
     specials = {t["content"]: t["id"] for t in hf.get("added_tokens", [])}
@@ -340,14 +364,14 @@ def convert_hf_tokenizer(json_path, out_path, chat_template="minimind"):
         try:
             ranks[bytes(byte_of[c] for c in token)] = i
         except KeyError:
-            raise ValueError(f"{json_path}: vocabulary token {token!r} is not byte-level "
+            raise UserError(f"{json_path}: vocabulary token {token!r} is not byte-level "
                              f"(GPT-2 characters)") from None
     last = -1
     for n, merge in enumerate(model["merges"]):
         a, b = merge.split(" ") if isinstance(merge, str) else merge
         made = model["vocab"].get(a + b, -1)
         if made <= last:
-            raise ValueError(f"{json_path}: merge {n} ({a!r} + {b!r}) makes id {made}, not "
+            raise UserError(f"{json_path}: merge {n} ({a!r} + {b!r}) makes id {made}, not "
                              f"above the previous merge's {last}: tiktoken would encode "
                              f"differently")
         last = made
@@ -389,7 +413,7 @@ def file_texts(path):
                 try:
                     texts += texts_of(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                    raise UserError(f"{path}:{n}: invalid JSON ({e.msg})") from None
         return texts
 
 
@@ -401,7 +425,7 @@ def train_tokenizer_on_files(files, vocab_size, out_path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer on your "
+    parser = ArgumentParser(description="Train a byte-level BPE tokenizer on your "
                                      "SFT or preference files and save it as .tiktoken.")
     parser.add_argument("--files", nargs="+", required=True,
                         help="JSONL/JSON files; every string in every record is used")
@@ -416,4 +440,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

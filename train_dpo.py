@@ -16,6 +16,7 @@ import functools
 import hashlib
 import math
 import os
+import shlex
 import time
 from contextlib import nullcontext
 
@@ -24,9 +25,12 @@ from tqdm import tqdm
 
 import data
 import tokenizer
+import train_sft
 import training
-from loss import (LOSS_TYPES, METRIC_NAMES, REFERENCE_FREE_LOSSES, ChosenRejected,
-                  concatenated_logps, dpo_loss, packed_logps, preference_metrics)
+from errors import ArgumentParser, UserError
+from loss import (LOSS_TYPES, METRIC_NAMES, PAPER_BETA, REFERENCE_FREE_LOSSES, SMOOTHED_LOSSES,
+                  TINYCHAT_BETA, ChosenRejected, choose_beta, concatenated_logps, dpo_loss,
+                  packed_logps, preference_metrics)
 from model import (Transformer, add_model_args, check_tokenizer, config_from_args,
                    configure_optimizer, load_checkpoint, lr_at, model_from_checkpoint,
                    optimizer_step, save_checkpoint, save_tensors)
@@ -46,7 +50,7 @@ RUN_KEYS = ("batch_size", "grad_accum", "max_len", "seed", "lr", "min_lr_ratio",
 # 1. Arguments
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default=os.path.join(data.DATA_DIR, "pairs_train.jsonl"),
                         help="preference pairs (.jsonl or .json, any supported format)")
@@ -56,26 +60,32 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=6,
                         help="greedy answers printed at the end: to held-out TinyChat prompts "
                         "(judged) on TinyChat data, else to the first --val-data prompts")
-    parser.add_argument("--sft-ckpt", default="out/sft.pt",
-                        help="SFT checkpoint: the policy's start and the reference ('' = a "
-                        "fresh model shaped by --preset/--dim/..., for timing runs)")
-    parser.add_argument("--beta", type=float, default=2.0,
-                        help="DPO beta: strength of the KL penalty to the reference. 2.0 is "
-                        "measured on TinyChat (0.5 and below drift there; see README); the "
-                        "paper used 0.1-0.5 on larger models")
+    parser.add_argument("--sft-ckpt", default=None,
+                        help="SFT checkpoint: the policy's start and the reference (default: "
+                        "OUT_DIR/sft.pt, trained first, as train_sft.py would, when it is "
+                        "missing and the data is TinyChat's; '' = a fresh model shaped by "
+                        "--preset/--dim/..., for timing runs)")
+    parser.add_argument("--sft-flags", default="",
+                        help="train_sft.py flags for that first SFT stage, e.g. '--steps 100'")
+    parser.add_argument("--beta", type=float, default=None,
+                        help=f"DPO beta: strength of the KL penalty to the reference (default: "
+                        f"{TINYCHAT_BETA} on TinyChat, measured there, see README; "
+                        f"{PAPER_BETA}, the paper's, on any other data)")
     parser.add_argument("--loss", default="sigmoid", choices=LOSS_TYPES,
                         help="sigmoid is DPO (Eq. 7); the others are its variants, each "
                         "with its formula and paper in loss.dpo_loss")
     parser.add_argument("--label-smoothing", type=float, default=0.0,
-                        help="conservative DPO (sigmoid) and robust DPO: assumed share of "
-                        "flipped labels")
+                        help="conservative DPO (sigmoid, simpo) and robust DPO: assumed "
+                        "share of flipped labels")
     parser.add_argument("--dpop-lambda", type=float, default=50.0,
                         help="dpop: weight of the penalty on a chosen answer less likely "
                         "than under the reference")
     parser.add_argument("--simpo-gamma", type=float, default=0.5,
                         help="simpo: target reward margin gamma")
     parser.add_argument("--rdpo-alpha", type=float, default=0.01,
-                        help="rdpo: penalty per token the chosen answer is longer")
+                        help="rdpo: alpha of Eq. 9, +alpha (|y_w| - |y_l|) inside the "
+                        "sigmoid: the reward a length-penalised judge gives, so length "
+                        "alone earns nothing")
     parser.add_argument("--sync-ref-every", type=int, default=0,
                         help="TR-DPO: every N steps the reference moves towards the policy "
                         "(0: a fixed reference, as in DPO)")
@@ -100,6 +110,7 @@ def parse_args(argv=None):
                                             lr=5e-5, warmup_steps=20, max_len=256,
                                             eval_every=100))
     args = parser.parse_args(argv)
+    args.beta, args.beta_source = choose_beta(args.beta, data.is_tinychat(args.data))
     if args.sync_ref_every and (args.precompute_ref or args.reference_free
                                 or args.loss in REFERENCE_FREE_LOSSES):
         parser.error("--sync-ref-every moves the reference during training: it needs a "
@@ -109,6 +120,9 @@ def parse_args(argv=None):
         parser.error("--sync-ref-alpha must be in (0, 1]")
     if not 0 <= args.label_smoothing < 0.5:
         parser.error("--label-smoothing must be in [0, 0.5)")
+    if args.label_smoothing and args.loss not in SMOOTHED_LOSSES:
+        parser.error(f"--label-smoothing acts on --loss {'/'.join(SMOOTHED_LOSSES)} only, "
+                     f"not {args.loss}")
     return args
 
 
@@ -120,6 +134,12 @@ def main(argv=None):
     dist_info = training.setup_distributed(args.device)
     device, is_main = dist_info.device, dist_info.is_main
     log = print if is_main else (lambda *a, **k: None)
+    # DPO: beta, and the SFT model it starts from (trained first if need be)
+    log(f"beta {args.beta} ({args.beta_source})")
+    if args.sft_ckpt is None:
+        args.sft_ckpt = os.path.join(args.out_dir, "sft.pt")
+        if not os.path.exists(args.sft_ckpt):
+            sft_stage_first(args, log)
     training.seed_everything(args.seed)
     ctx = training.autocast(device, args.dtype)
     training.warn_if_bf16_is_emulated(device, args.dtype, log)
@@ -137,8 +157,8 @@ def main(argv=None):
     order = data.BatchOrder(train_lengths, args.batch_size, args.seed, dist_info.rank,
                             dist_info.world_size, args.grad_accum, args.group_by_length)
     if order.steps_per_epoch == 0:
-        raise SystemExit(f"{args.data}: {len(train_ds)} pairs are fewer than one global "
-                         f"batch ({args.batch_size} x {dist_info.world_size})")
+        raise UserError(f"{args.data}: {len(train_ds)} pairs are fewer than one global "
+                        f"batch ({args.batch_size} x {dist_info.world_size})")
     n_steps = training.total_steps(args, order.steps_per_epoch)
     log(f"{len(train_ds)} training pairs ({sum(train_lengths) / len(train_ds):.1f} tokens a "
         f"pair), {order.steps_per_epoch} steps per epoch, {n_steps} steps")
@@ -153,6 +173,7 @@ def main(argv=None):
         reference = copy.deepcopy(model).eval().requires_grad_(False)  # never wrapped in DDP
     run = training.run_identity(args, RUN_KEYS, dist_info.world_size, model.config)
     resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
+    training.check_max_len(args.max_len, model.config)
     log(f"model: {model.num_params():,} parameters, {model.config}")
     # DPO: --precompute-ref: every pair's reference log-probs once, then no reference model.
     ref_tables = {}
@@ -209,6 +230,7 @@ def main(argv=None):
                     logps.chosen, logps.rejected, ref.chosen, ref.rejected,
                     chosen_n_tokens=n_tokens.chosen, rejected_n_tokens=n_tokens.rejected,
                     bco_delta=bco_delta)
+                # RPO's NLL: each pair's token mean, then the batch mean (TRL pools tokens)
                 nll = (-logps.chosen / n_tokens.chosen).mean()
                 aux = raw_model.aux_loss  # MoE: the routers' load balancing (0 if dense)
                 loss = losses.mean() + args.sft_alpha * nll + aux
@@ -229,7 +251,10 @@ def main(argv=None):
         if not math.isfinite(record["loss"]) and args.dtype != "float16":  # fp16: scaler skips
             raise training.NonFiniteLoss(record["loss"], step, args.dtype)
         done = step + 1
-        if args.loss == "bco_pair":  # BCO: delta = running mean of all rewards so far
+        # BCO: delta = running mean of the rewards of the steps so far; this step used the
+        # delta of the steps before it (TRL's older code also counted the current batch and
+        # evaluation batches; TRL 1.16 has no delta at all)
+        if args.loss == "bco_pair":
             mean_reward = (record["rewards/chosen"] + record["rewards/rejected"]) / 2
             bco_delta += (mean_reward - bco_delta) / done
         if args.sync_ref_every and done % args.sync_ref_every == 0:  # TR-DPO, soft update
@@ -269,7 +294,6 @@ def main(argv=None):
         f"tokens/s" + ("" if args.no_save else f"; saved {ckpt_path}"))
     if is_main and args.samples:
         show_samples(raw_model, enc, args.samples, device, args.data, args.val_data, pairs=True)
-    training.cleanup_distributed()
 
 
 def evaluate(model, reference, ref_table, dataset, loss_fn, args, ctx, dist_info):
@@ -306,13 +330,27 @@ def policy_from_sft(args, vocab_size, tokenizer_id):
     by the model flags (for timing runs). Dropout is off in DPO, for policy and reference."""
     if not args.sft_ckpt:
         return Transformer(dataclasses.replace(config_from_args(args, vocab_size), dropout=0.0))
-    if not os.path.exists(args.sft_ckpt):
-        raise SystemExit(f"no SFT checkpoint at {args.sft_ckpt}. Train one first:\n"
-                         f"    python train_sft.py\n(or pass --sft-ckpt PATH)")
     sft = load_checkpoint(args.sft_ckpt)
     check_tokenizer(sft, tokenizer_id, args.sft_ckpt)
     sft["config"]["dropout"] = 0.0
     return model_from_checkpoint(sft, args.sft_ckpt)
+
+
+def sft_stage_first(args, log):
+    """No SFT checkpoint at the default path: on TinyChat's data, train one now, the same
+    code as `train_sft.py --out-dir OUT_DIR` under the same launcher (torchrun or not);
+    on other data, say how (its SFT data is the user's to name)."""
+    if not (data.is_tinychat(args.data) and args.tokenizer == tokenizer.DEFAULT_TOKENIZER):
+        raise UserError(f"no SFT checkpoint at {args.sft_ckpt}: train one on your own SFT data "
+                        f"first (python train_sft.py --data SFT.jsonl --out-dir {args.out_dir}),"
+                        " or pass --sft-ckpt PATH")
+    sft_argv = ["--out-dir", args.out_dir, "--device", args.device, "--seed", str(args.seed),
+                *(["--quiet"] if args.quiet else []), *shlex.split(args.sft_flags)]
+    log(f"no SFT checkpoint at {args.sft_ckpt}: training it first, as train_sft.py "
+        f"{' '.join(sft_argv)}")
+    train_sft.main(sft_argv)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank waits for rank 0's sft.pt
 
 
 def restore_variant_state(resume, reference):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 import data
 import tokenizer
 import training
+from errors import ArgumentParser, UserError
 from loss import response_logps
 from model import (Transformer, add_model_args, config_from_args, configure_optimizer, lr_at,
                    optimizer_step, save_checkpoint)
@@ -39,7 +40,7 @@ RUN_KEYS = ("batch_size", "grad_accum", "max_len", "seed", "lr", "min_lr_ratio",
 # 1. Arguments
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default=os.path.join(data.DATA_DIR, "sft_train.jsonl"),
                         help="SFT training file (.jsonl or .json, any supported format)")
@@ -81,8 +82,8 @@ def main(argv=None):
     order = data.BatchOrder(train_lengths, args.batch_size, args.seed, dist_info.rank,
                             dist_info.world_size, args.grad_accum, args.group_by_length)
     if order.steps_per_epoch == 0:
-        raise SystemExit(f"{args.data}: {len(train_ds)} conversations are fewer than one "
-                         f"global batch ({args.batch_size} x {dist_info.world_size})")
+        raise UserError(f"{args.data}: {len(train_ds)} conversations are fewer than one "
+                        f"global batch ({args.batch_size} x {dist_info.world_size})")
     n_steps = training.total_steps(args, order.steps_per_epoch)
     log(f"{len(train_ds)} training conversations ({train_ds.truncated} cut to --max-len "
         f"{args.max_len}), {order.steps_per_epoch} steps per epoch, {n_steps} steps")
@@ -93,6 +94,7 @@ def main(argv=None):
     model.to(device)
     run = training.run_identity(args, RUN_KEYS, dist_info.world_size, model.config)
     resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
+    training.check_max_len(args.max_len, model.config)
     log(f"model: {model.num_params():,} parameters, {model.config}")
     raw_model = model  # the unwrapped model: what we save and evaluate
     model = training.wrap_model(model, args.compile, dist_info)  # compile, DDP
@@ -173,7 +175,6 @@ def main(argv=None):
         + ("" if args.no_save else f"; saved {ckpt_path}"))
     if is_main and args.samples:
         show_samples(raw_model, enc, args.samples, device, args.data, args.val_data)
-    training.cleanup_distributed()
 
 
 def evaluate(model, dataset, args, ctx, dist_info):

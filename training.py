@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from errors import UserError, run_main
 from model import check_tokenizer, load_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,7 +88,7 @@ def setup_distributed(device="auto"):
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}" if ddp else device
         torch.cuda.set_device(device)
-    if ddp:
+    if ddp and not dist.is_initialized():  # already, when train_dpo.py ran the SFT stage
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
         if device == "cpu":  # share the cores between the processes on this machine
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -128,13 +129,13 @@ def load_resume(ckpt_path, enabled, model, tokenizer_id, run):
     check_tokenizer(resume, tokenizer_id, ckpt_path)
     saved = resume.get("train_state", {}).get("run")
     if saved is None:
-        raise SystemExit(f"{ckpt_path}: has no training state to resume from")
+        raise UserError(f"{ckpt_path}: has no training state to resume from")
     differences = [f"{k}: {saved.get(k)!r} in the checkpoint, {run.get(k)!r} now"
                    for k in sorted(set(saved) | set(run)) if saved.get(k) != run.get(k)]
     if differences:
-        raise SystemExit(f"{ckpt_path}: --resume would continue another run; it differs in\n  "
-                         + "\n  ".join(differences) + "\nResume with the same settings, or "
-                         "start a new run in another --out-dir.")
+        raise UserError(f"{ckpt_path}: --resume would continue another run; it differs in "
+                        + "; ".join(differences) + ". Resume with the same settings, or "
+                        "start a new run in another --out-dir.")
     model.load_state_dict(resume["model"], strict=True)
     return resume
 
@@ -151,6 +152,13 @@ def run_identity(args, keys, world_size, config):
         if path:
             run[f"{k}_sha256"] = file_digest(path)
     return run
+
+
+def check_max_len(max_len, config):
+    """--max-len must fit the model's context (else the first long batch would fail)."""
+    if max_len > config.max_seq_len:
+        raise UserError(f"--max-len {max_len} is longer than the model's context "
+                        f"(max_seq_len {config.max_seq_len})")
 
 
 def file_digest(path):
@@ -201,7 +209,7 @@ def make_scaler(device, dtype_name):
     return torch.amp.GradScaler(device.type, enabled=dtype_name == "float16")
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError):  # ends the run with one line, like a user error
     """A NaN/inf loss in float32/bfloat16 training (in float16 such a step is the
     GradScaler's to skip): training stops with this message."""
 
@@ -217,8 +225,9 @@ class Interrupted(Exception):
 
 def run(main):
     """Run a training script's main() so that it ends with one clear line, not a traceback,
-    when the loss turns non-finite or the process is asked to stop. Checkpoints are
-    written atomically, so the last one on disk is whole either way."""
+    on a user's mistake (errors.run_main), when the loss turns non-finite or when the
+    process is asked to stop. Checkpoints are written atomically, so the last one on
+    disk is whole either way."""
 
     def stop(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
@@ -226,9 +235,8 @@ def run(main):
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        main()
-    except NonFiniteLoss as e:
-        raise SystemExit(f"error: {e}") from None
+        run_main(main)
+        cleanup_distributed()
     except Interrupted as e:
         raise SystemExit(f"stopped by {e}: the last checkpoint in --out-dir is intact; run "
                          "the same command with --resume to continue from it") from None

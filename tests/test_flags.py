@@ -235,6 +235,9 @@ def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
     assert "`--loss simpo --beta 2.5 --simpo-gamma 1.25`" in rows[2]
     assert os.path.exists(tmp_path / "table.md")
     assert os.listdir(tmp_path / "sigmoid/dpo")  # the reference cache and metrics
+    assert "beta: each run's --beta where it has one, else train_dpo.py's default" in out
+    with open(tmp_path / "sigmoid/train.log", encoding="utf-8") as f:  # not TinyChat's file
+        assert f.readline().startswith("beta 0.1 (the DPO paper's")
     again = run_script("sweep.py", *args, timeout=300)
     assert "[sigmoid]" not in again  # finished runs are not trained again
 

@@ -20,6 +20,7 @@ import tokenizer
 import train_dpo
 import train_sft
 from conftest import ROOT, dpo_args, max_diff, sft_args, torchrun, weights
+from errors import UserError
 from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
 
 
@@ -80,7 +81,8 @@ def test_bad_checkpoint_files_are_clear_errors(tmp_path, kind):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt",
                              str(bad), "--prompt", "hi"], capture_output=True, text=True,
                             cwd=ROOT, timeout=120)
-    assert result.returncode != 0 and f"ValueError: {bad}: " in result.stderr
+    assert result.returncode == 1 and result.stderr.startswith(f"error: {bad}: ")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 class NotATensor:
@@ -113,7 +115,7 @@ def test_dropout_flag_is_off_in_the_dpo_policy(files, tmp_path):
 def test_resume_refuses_a_different_run(files, sft_ckpt, tmp_path):
     common = ["--steps", "4", "--batch-size", "4"]
     train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, *common, "--stop-after", "1"))
-    with pytest.raises(SystemExit, match=r"(?s)another run.*batch_size: 4 in the checkpoint, "
+    with pytest.raises(UserError, match=r"(?s)another run.*batch_size: 4 in the checkpoint, "
                                          r"8 now.*beta"):
         train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "4", "--batch-size",
                                 "8", "--beta", "0.5", "--resume"))
@@ -122,7 +124,7 @@ def test_resume_refuses_a_different_run(files, sft_ckpt, tmp_path):
         other.write_text("".join(f.readlines()[::-1]), encoding="utf-8")
     args = dpo_args(files, tmp_path, sft_ckpt, *common, "--resume")
     args[args.index("--data") + 1] = str(other)
-    with pytest.raises(SystemExit, match="data_sha256"):
+    with pytest.raises(UserError, match="data_sha256"):
         train_dpo.main(args)
     train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, *common, "--resume"))  # same run: fine
     assert load_checkpoint(str(tmp_path / "dpo.pt"))["train_state"]["step"] == 4

@@ -1,0 +1,196 @@
+"""A user's mistake ends every script with one line, `error: ...`, and no traceback (also
+under torchrun: one line per rank); prompts longer than the model's context are cut to
+fit when generating; beta's default follows the data; `train_dpo.py` on a fresh clone
+trains the SFT stage first. All through the scripts, as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train_dpo
+from conftest import QUIET, ROOT, SHAPE
+from model import load_checkpoint
+from training import file_digest
+
+
+def run(script, *args, timeout=300, launcher=(sys.executable,)):
+    return subprocess.run([*launcher, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def assert_one_line_error(result, *words, code=1):
+    assert result.returncode == code, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture
+def bad_pairs(write_file):
+    return write_file("bad.jsonl", [{"prompt": "hi", "chosen": "a"}])
+
+
+@pytest.fixture
+def cut_ckpt(sft_ckpt, tmp_path):
+    path = tmp_path / "cut.pt"
+    path.write_bytes(open(sft_ckpt, "rb").read()[:5000])  # a partial download
+    return path
+
+
+def test_training_scripts_end_a_user_error_in_one_line(files, sft_ckpt, bad_pairs, cut_ckpt,
+                                                       write_file, tmp_path):
+    bad_sft = write_file("bad_sft.jsonl", [{"messages": [{"role": "user", "content": 3}]}])
+    assert_one_line_error(run("train_sft.py", "--data", bad_sft, "--out-dir", tmp_path),
+                          f"{bad_sft}:1: ")
+    assert_one_line_error(run("train_dpo.py", "--data", bad_pairs, "--sft-ckpt", sft_ckpt,
+                              "--out-dir", tmp_path), f"{bad_pairs}:1: missing key 'rejected'")
+    assert_one_line_error(run("train_dpo.py", "--sft-ckpt", cut_ckpt, "--out-dir", tmp_path),
+                          f"{cut_ckpt}: the checkpoint is corrupt or cut short")
+    missing = tmp_path / "missing.pt"  # an explicit --sft-ckpt is never trained for you
+    assert_one_line_error(run("train_dpo.py", "--sft-ckpt", missing, "--out-dir", tmp_path),
+                          f"no checkpoint at {missing}")
+    assert_one_line_error(run("train_dpo.py", "--data", files["pairs_train"], "--out-dir",
+                              tmp_path), "no SFT checkpoint at", "train_sft.py --data")
+    assert_one_line_error(run("train_dpo.py", "--loss", "ipo", "--label-smoothing", "0.1"),
+                          "--label-smoothing acts on", code=2)
+    assert_one_line_error(run("train_sft.py", "--dim", "100", "--n-heads", "7", "--data",
+                              files["sft_train"], "--out-dir", tmp_path),
+                          "dim (100) must divide by n_heads (7)")
+    assert_one_line_error(run("train_sft.py", "--max-seq-len", "64", "--max-len", "128",
+                              "--data", files["sft_train"], "--out-dir", tmp_path),
+                          "--max-len 128 is longer than the model's context (max_seq_len 64)")
+
+
+def test_tools_end_a_user_error_in_one_line(files, sft_ckpt, cut_ckpt, write_file, tmp_path):
+    assert_one_line_error(run("sample.py", "--ckpt", cut_ckpt, "--prompt", "hi"),
+                          f"{cut_ckpt}: the checkpoint is corrupt")
+    assert_one_line_error(run("evaluate.py", "--ckpt", sft_ckpt, "--ckpt", cut_ckpt, "--limit",
+                              "1"), f"{cut_ckpt}: the checkpoint is corrupt")
+    with open(os.path.join(ROOT, "data", "tokenizer.tiktoken"), encoding="utf-8") as f:
+        other = write_file("other.tiktoken", "".join(f.readlines()[:300]))  # a smaller BPE
+    assert_one_line_error(run("sample.py", "--ckpt", sft_ckpt, "--tokenizer", other,
+                              "--prompt", "hi"), "trained with a different tokenizer")
+    not_minimind = write_file("x.pth", b"not a torch file")
+    assert_one_line_error(run("convert.py", "--from-minimind", not_minimind, "--tokenizer-dir",
+                              tmp_path, "--out", tmp_path / "x.pt"), f"{not_minimind}: ")
+    assert_one_line_error(run("tokenizer.py", "--files", tmp_path / "nothing.txt", "--out",
+                              tmp_path / "t.tiktoken"), "nothing.txt: no such file")
+    assert_one_line_error(run("sweep.py", "--runs", "sigmoid", "--sft-ckpt", tmp_path / "no.pt",
+                              "--out-dir", tmp_path / "sweep"), "no SFT checkpoint at")
+    assert_one_line_error(run("sweep.py", "--runs", "nonsense"), "unknown runs", code=2)
+
+
+def test_sweep_names_the_log_of_a_failed_run(sft_ckpt, tmp_path):
+    result = run("sweep.py", "--runs", "sigmoid", "--sft-ckpt", sft_ckpt, "--out-dir",
+                 tmp_path, "--nproc", "1", "--train-flags", "--dpop-lambda nonsense")
+    assert_one_line_error(result, f"{tmp_path}/sigmoid/train.log: the run failed (exit 2)",
+                          "error: argument --dpop-lambda: invalid float value")
+
+
+def test_a_bad_record_under_torchrun_is_one_line_per_rank(files, sft_ckpt, bad_pairs, tmp_path):
+    result = run("train_dpo.py", "--data", bad_pairs, "--sft-ckpt", sft_ckpt, "--out-dir",
+                 tmp_path, launcher=(sys.executable, "-m", "torch.distributed.run",
+                                     "--standalone", "--nproc_per_node=2"))
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == [f"error: {bad_pairs}:1: missing key 'rejected'"] * 2, result.stderr
+    assert 'train_dpo.py", line' not in result.stderr  # no frame of ours: torchrun's own only
+
+
+# ----------------------------------------------------------------------------
+# Generation never overflows the model's context
+
+
+def long_prompt_pairs(write_file, n=16):
+    """Pairs whose prompts (~300 tokens) are far longer than a 96-token context."""
+    story = " ".join(f"word{i}" for i in range(120))
+    return write_file("long.jsonl", [
+        {"prompt": [{"role": "user", "content": f"{story} (number {i})"},
+                    {"role": "assistant", "content": "Go on."},
+                    {"role": "user", "content": f"What is {i} + 1?"}],
+         "chosen": f"{i} + 1 = {i + 1}.", "rejected": "No."} for i in range(n)])
+
+
+def test_long_prompts_are_fitted_when_generating(files, write_file, tmp_path, capsys):
+    pairs = long_prompt_pairs(write_file)
+    train_dpo.main(["--data", pairs, "--val-data", pairs, "--sft-ckpt", "", "--out-dir",
+                    str(tmp_path), "--steps", "2", "--batch-size", "4", "--max-len", "96",
+                    "--max-prompt-len", "48", "--quiet", "--samples", "3", "--dim", "32",
+                    "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--max-seq-len",
+                    "96"])
+    out = capsys.readouterr().out
+    assert out.count("note: prompts longer than the model's context") == 1, out
+    assert out.count("[held-out]") == 3
+    ckpt = tmp_path / "dpo.pt"
+    result = run("sample.py", "--ckpt", ckpt, "--prompt", " ".join(["word"] * 400),
+                 "--max-new-tokens", "80", "--temperature", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("note: prompts longer than the model's context") == 1
+    result = run("sample.py", "--ckpt", ckpt, "--prompt", "hi")  # short: no note
+    assert result.returncode == 0 and "note:" not in result.stdout, result.stderr
+
+
+def test_fit_for_generation_leaves_room_and_keeps_the_template(enc):
+    from data import Chat
+    from sample import fit_for_generation
+    chat = Chat(enc)
+    messages = [{"role": "user", "content": "a " * 200}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "What is 2 + 2?"}]
+    ids, cut = fit_for_generation(chat, messages, max_seq_len=64, max_new_tokens=16)
+    assert cut and len(ids) <= 48
+    assert enc.decode(ids) == ("<|im_start|>assistant\nb<|im_end|>\n<|im_start|>user\nWhat is "
+                               "2 + 2?<|im_end|>\n<|im_start|>assistant\n")  # the oldest turn went
+    ids, cut = fit_for_generation(chat, messages[-1:], max_seq_len=64, max_new_tokens=16)
+    assert not cut and ids == chat.render_prompt(messages[-1:])
+    ids, cut = fit_for_generation(chat, messages, max_seq_len=64, max_new_tokens=100)
+    assert cut and len(ids) <= 32  # the prompt keeps half the context at least
+
+
+# ----------------------------------------------------------------------------
+# beta's default, and the whole job in one command
+
+
+def test_beta_defaults_to_tinychats_on_tinychat_and_the_papers_elsewhere(files, sft_ckpt,
+                                                                         tmp_path, capsys):
+    tinychat = os.path.join(ROOT, "data", "pairs_train.jsonl")
+    common = ["--steps", "1", "--batch-size", "4", "--val-data", "", "--sft-ckpt",
+              str(sft_ckpt), *QUIET]
+    train_dpo.main(["--data", tinychat, "--out-dir", str(tmp_path / "tc"), *common])
+    assert "beta 2.0 (the default measured on TinyChat" in capsys.readouterr().out
+    train_dpo.main(["--data", files["pairs_train"], "--out-dir", str(tmp_path / "own"), *common])
+    assert "beta 0.1 (the DPO paper's, the default on data other" in capsys.readouterr().out
+    train_dpo.main(["--data", files["pairs_train"], "--out-dir", str(tmp_path / "given"), *common,
+                    "--beta", "0.7"])
+    assert "beta 0.7 (--beta)" in capsys.readouterr().out
+    for name, beta in (("tc", 2.0), ("own", 0.1), ("given", 0.7)):
+        assert load_checkpoint(str(tmp_path / name / "dpo.pt"))["train_state"]["args"][
+            "beta"] == beta
+    # evaluate.py's pair metrics take the same default, and say which
+    for pairs, said in ((os.path.join(ROOT, "data", "pairs_val.jsonl"), "beta 2.0 (the default "
+                         "measured on TinyChat"), (files["pairs_val"], "beta 0.1 (the DPO")):
+        result = run("evaluate.py", "--ckpt", sft_ckpt, "--pairs", pairs)
+        assert result.returncode == 0 and said in result.stdout, result.stderr
+
+
+def test_the_main_job_is_one_command_on_a_fresh_clone(tmp_path):
+    """torchrun train_dpo.py with no SFT checkpoint: the SFT stage first (the same code as
+    train_sft.py, under torchrun), then DPO from it."""
+    sft_flags = " ".join(["--steps", "3", "--batch-size", "8", "--samples", "0", *SHAPE])
+    result = run("train_dpo.py", "--out-dir", tmp_path, "--steps", "2", "--batch-size", "4",
+                 "--val-data", "", "--samples", "0", "--quiet", "--sft-flags", sft_flags,
+                 launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count(f"no SFT checkpoint at {tmp_path}/sft.pt: training it first") == 1
+    sft, dpo = (load_checkpoint(str(tmp_path / f"{s}.pt")) for s in ("sft", "dpo"))
+    assert sft["train_state"]["step"] == 3 and dpo["train_state"]["step"] == 2
+    assert sft["train_state"]["run"]["world_size"] == 2 and sft["config"]["dim"] == 32
+    # DPO started from that very file, and moved away from it
+    assert dpo["train_state"]["run"]["sft_ckpt_sha256"] == file_digest(tmp_path / "sft.pt")
+    assert any((sft["model"][k] != dpo["model"][k]).any() for k in sft["model"])
+    with open(tmp_path / "dpo" / "metrics.jsonl", encoding="utf-8") as f:
+        assert json.loads(f.readlines()[-1])["step"] == 2
