@@ -76,6 +76,9 @@ def infer_config(state, n_heads, experts_per_token):
                        if (m := re.match(r"model\.layers\.(\d+)\.", k)))
     attn = "model.layers.0.self_attn."
     qk_norm = attn + "q_norm.weight" in state
+    if not qk_norm and n_heads is None:
+        raise UserError("this MiniMind model has no q/k-norm, so its head count is not in the "
+                        "weights: pass --n-heads (num_attention_heads in its MiniMindConfig)")
     head_dim = state[attn + "q_norm.weight"].shape[0] if qk_norm else dim // n_heads
     q_rows, kv_rows = get(attn + "q_proj.weight").shape[0], get(attn + "k_proj.weight").shape[0]
     if q_rows != dim:
@@ -83,13 +86,16 @@ def infer_config(state, n_heads, experts_per_token):
                          f"minidpo's attention needs them equal")
     n_experts = state["model.layers.0.mlp.gate.weight"].shape[0] if (
         "model.layers.0.mlp.gate.weight" in state) else 0
+    if n_experts and not 1 <= experts_per_token <= n_experts:
+        raise UserError(f"--experts-per-token {experts_per_token}: this model has "
+                        f"{n_experts} experts")
     mlp = "model.layers.0.mlp." + ("experts.0." if n_experts else "")
     return ModelConfig(vocab_size=vocab_size, dim=dim, n_layers=n_layers,
                        n_heads=q_rows // head_dim, n_kv_heads=kv_rows // head_dim,
                        ffn_dim=get(mlp + "gate_proj.weight").shape[0],
                        max_seq_len=MINIMIND_MAX_POSITIONS, rope_theta=MINIMIND_ROPE_THETA,
                        norm_eps=MINIMIND_NORM_EPS, qk_norm=qk_norm, n_experts=n_experts,
-                       experts_per_token=min(experts_per_token, n_experts) if n_experts else 2)
+                       experts_per_token=experts_per_token if n_experts else 2)
 
 
 def read_minimind(path):
@@ -107,7 +113,7 @@ def read_minimind(path):
     return state
 
 
-def from_minimind(state, n_heads=8, experts_per_token=1):
+def from_minimind(state, n_heads=None, experts_per_token=1):
     """A Transformer holding a MiniMind state_dict's weights, exactly (no rounding)."""
     config = infer_config(state, n_heads, experts_per_token)
     if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"],
@@ -126,6 +132,11 @@ def from_minimind(state, n_heads=8, experts_per_token=1):
         raise UserError(f"MiniMind state_dict keys that minidpo does not map: {unmapped}")
     ours["output.weight"] = ours["tok_embeddings.weight"]  # tied
     model = Transformer(config)
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(model.state_dict()[k].shape)})"
+             for k, v in ours.items() if v.shape != model.state_dict()[k].shape]
+    if wrong:
+        raise UserError(f"MiniMind weights do not fit the shape read off them (wrong "
+                        f"--n-heads?): {', '.join(wrong[:3])}")
     model.load_state_dict(ours, strict=True)
     return model
 
@@ -167,8 +178,9 @@ def main(argv=None):
                         "tokenizer.json (its model/ folder)")
     parser.add_argument("--tokenizer-out", help="--from-minimind: where the converted "
                         "tokenizer goes (default: minimind.tiktoken beside --out)")
-    parser.add_argument("--n-heads", type=int, default=8, help="--from-minimind, models "
-                        "without q/k-norm only: attention heads (MiniMind's default 8)")
+    parser.add_argument("--n-heads", type=int, default=None, help="--from-minimind, models "
+                        "without q/k-norm (whose weights do not say): attention heads, "
+                        "num_attention_heads of its MiniMindConfig")
     parser.add_argument("--experts-per-token", type=int, default=1, help="--from-minimind, "
                         "MoE: experts per token, not stored in the weights (MiniMind's "
                         "default 1)")

@@ -178,6 +178,8 @@ def read_records(path):
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        except RecursionError:  # [[[[... thousands deep: Python's parser gives up
+            raise UserError(f"{path}: JSON nested too deeply") from None
         if not isinstance(records, list):
             raise UserError(f"{path}: a .json file must hold an array of records, "
                              f"got {type(records).__name__}")
@@ -195,9 +197,12 @@ def read_records(path):
                               "not valid UTF-8"), where
             continue
         try:
-            yield json.loads(text), where
+            record = json.loads(text)
         except json.JSONDecodeError as e:
-            yield RecordError(f"{where}: invalid JSON ({e.msg})", "invalid JSON"), where
+            record = RecordError(f"{where}: invalid JSON ({e.msg})", "invalid JSON")
+        except RecursionError:
+            record = RecordError(f"{where}: JSON nested too deeply", "JSON nested too deeply")
+        yield record, where
 
 
 def check(where, rules, facts):
@@ -476,6 +481,11 @@ class SFTDataset:
                 self.dropped["no response tokens left"] += 1
                 continue
             self.items.append((ids, mask))
+        if self.dropped and log:
+            log(f"{path}: dropped {self.dropped['no response tokens left']} conversations "
+                f"(no assistant token left within --max-len {max_len})")
+        if not self.items:
+            raise UserError(f"{path}: no usable conversations after truncation")
         self.pad_id = chat.pad_id
 
     def __len__(self):
@@ -500,6 +510,10 @@ class PreferenceDataset:
     def __init__(self, path, enc, max_len=256, max_prompt_len=128, skip_invalid=False,
                  log=print):
         chat = Chat(enc)
+        shortest = len(chat.render_prompt([{"role": "user", "content": ""}]))  # the template
+        if max_prompt_len < shortest:
+            raise UserError(f"--max-prompt-len {max_prompt_len} is shorter than the chat "
+                            f"template's emptiest prompt ({shortest} tokens)")
         records, self.skipped = load_records(path, preference_messages, skip_invalid, log)
         self.items, self.dropped = [], Counter()
         for n, (prompt_msgs, chosen_msgs, rejected_msgs) in enumerate(records, 1):

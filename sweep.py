@@ -24,6 +24,7 @@ import sys
 import time
 
 from errors import ArgumentParser, UserError, run_main
+from training import file_digest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,14 +75,18 @@ def train(name, flags, args):
     flags = list(flags) + shlex.split(args.train_flags)
     if name not in NO_CACHE:
         flags.append("--precompute-ref")
+    sft_sha256 = file_digest(args.sft_ckpt)
     if os.path.exists(record_path) and not args.retrain:
         with open(record_path, encoding="utf-8") as f:
             record = json.load(f)
-        if record["flags"] == flags:  # trained already, with these very flags
+        # trained already, with these very flags from this very SFT model
+        if record["flags"] == flags and record.get("sft_sha256") == sft_sha256:
             return record
-        os.makedirs(os.path.join(out, "dpo"), exist_ok=True)
+    if name not in NO_CACHE:  # train_dpo.py keys each cache by SFT model, data and flags:
+        os.makedirs(os.path.join(out, "dpo"), exist_ok=True)  # it takes only a matching one
         for cache in glob.glob(os.path.join(args.out_dir, "*", "dpo", "ref_logps_*.pt")):
-            shutil.copy(cache, os.path.join(out, "dpo"))  # same SFT model, data and flags
+            if not os.path.exists(os.path.join(out, "dpo", os.path.basename(cache))):
+                shutil.copy(cache, os.path.join(out, "dpo"))
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else [sys.executable])
     cmd = launcher + [os.path.join(HERE, "train_dpo.py"), "--sft-ckpt", args.sft_ckpt,
@@ -92,7 +97,8 @@ def train(name, flags, args):
     run_logged(cmd, os.path.join(out, "train.log"))
     with open(os.path.join(out, "dpo", "metrics.jsonl"), encoding="utf-8") as f:
         last = [json.loads(line) for line in f][-1]
-    record = {"name": name, "flags": flags, "wall_s": time.time() - t0,
+    record = {"name": name, "flags": flags, "sft_sha256": sft_sha256,
+              "wall_s": time.time() - t0,
               "val_accuracy": last.get("val/rewards/accuracies")}
     with open(record_path, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)

@@ -120,11 +120,14 @@ def restore_training_state(resume, optimizer, scaler):
 
 
 def load_resume(ckpt_path, enabled, model, tokenizer_id, run):
-    """With --resume and a checkpoint at ckpt_path: check that it is the same run (see
-    run_identity), load its weights into model and return it (restore_training_state
-    takes the rest later); else None."""
-    if not enabled or not os.path.exists(ckpt_path):
+    """With --resume: the checkpoint at ckpt_path (there must be one), checked to be the
+    same run (see run_identity), its weights loaded into model (restore_training_state
+    takes the rest later); without --resume, None."""
+    if not enabled:
         return None
+    if not os.path.exists(ckpt_path):  # never start over silently (and lose the metrics)
+        raise UserError(f"--resume: no checkpoint at {ckpt_path} to continue from; run "
+                        "without --resume to start a new run")
     resume = load_checkpoint(ckpt_path)
     check_tokenizer(resume, tokenizer_id, ckpt_path)
     saved = resume.get("train_state", {}).get("run")
