@@ -44,7 +44,11 @@ def test_report_runs_and_a_checkpoint_against_itself_ties(checkpoints, tmp_path)
     with open(report) as f:
         results = json.load(f)["results"]
     assert set(results) == {a, b}
-    assert 0.0 <= results[b]["sampled T=1/win_rate_vs_first"] <= 1.0
+    same = str(tmp_path / "same.json")  # one checkpoint twice: every sample ties
+    run_evaluate("--ckpt", a, "--ckpt", a, "--limit", "12", "--samples", "2",
+                 "--max-new-tokens", "6", "--json", same)
+    with open(same) as f:
+        assert json.load(f)["results"][a]["sampled T=1/win_rate_vs_first"] == 0.5
     assert results[a]["sampled T=1/kl_vs_ref"] == 0.0  # the reference itself
     assert results[b]["sampled T=1/kl_vs_ref"] != 0.0
     # the same checkpoint twice: every sample ties, and its KL from itself is 0
@@ -101,4 +105,15 @@ def test_pair_file_report_measures_where_log_probs_moved(checkpoints, tmp_path, 
     assert {"shift/chosen/shared_prefix", "shift/chosen/after_divergence",
             "shift/rejected/sum/rude", "shift/rejected/sum/wrong"} <= set(results[b])
     assert results[b]["shift/chosen/shared_prefix"] != 0.0
-    assert 0.0 < results[b]["p_end/chosen"] < 1.0
+    # p_end: the policy's probability of each chosen answer's last token (<|im_end|>)
+    model = evaluate.load_model(b, tokenizer.DEFAULT_TOKENIZER, "cpu")
+    dataset = data.PreferenceDataset(pairs, tokenizer.load_tokenizer(), 256, 128)
+    items = [dataset[i] for i in range(len(dataset))]
+    ends = []
+    for item in items:
+        ids = torch.tensor([item["prompt"] + item["chosen"]])
+        with torch.no_grad():
+            log_probs = model(ids[:, :-1]).log_softmax(-1)[0, -1]  # predicts the last token
+        ends.append(log_probs[ids[0, -1]].exp().item())
+    assert items[0]["chosen"][-1] == data.Chat(tokenizer.load_tokenizer()).im_end
+    assert results[b]["p_end/chosen"] == pytest.approx(sum(ends) / len(ends), rel=1e-5)

@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import data
 import train_dpo
 import train_sft
 import training
@@ -48,6 +50,83 @@ def test_each_loss_flag_gives_its_formula_at_step_zero(files, sft_ckpt, tmp_path
                             "--loss", loss, "--beta", str(beta), "--label-smoothing",
                             str(smoothing), "--sft-alpha", "0", "--log-every", "1"))
     assert records(tmp_path / "dpo/metrics.jsonl")[0]["loss"] == pytest.approx(step0, rel=1e-6)
+
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))
+
+
+# Each loss at policy != reference, from one pair's logged numbers: r_w, r_l (the rewards
+# over beta), the summed log-probs and the token counts n_w, n_l. The flags' values:
+# beta 0.5, eps 0.2, lambda 5, alpha 0.05, gamma 0.3.
+B, EPS = 0.5, 0.2
+AWAY_FROM_ZERO = {
+    "sigmoid": ([], lambda r_w, r_l, lw, ll, n_w, n_l: -log_sigmoid(B * (r_w - r_l))),
+    "conservative": (["--label-smoothing", str(EPS)], lambda r_w, r_l, lw, ll, n_w, n_l: (
+        -(1 - EPS) * log_sigmoid(B * (r_w - r_l)) - EPS * log_sigmoid(-B * (r_w - r_l)))),
+    "robust": (["--loss", "robust", "--label-smoothing", str(EPS)],
+               lambda r_w, r_l, lw, ll, n_w, n_l: (
+                   -(1 - EPS) * log_sigmoid(B * (r_w - r_l))
+                   + EPS * log_sigmoid(-B * (r_w - r_l))) / (1 - 2 * EPS)),
+    "norm": (["--loss", "norm"], lambda r_w, r_l, lw, ll, n_w, n_l: -log_sigmoid(
+        B * (r_w / n_w - r_l / n_l))),
+    "dpop": (["--loss", "dpop", "--dpop-lambda", "5"], lambda r_w, r_l, lw, ll, n_w, n_l:
+             -log_sigmoid(B * (r_w - r_l - 5 * max(0.0, -r_w)))),
+    "rdpo": (["--loss", "rdpo", "--rdpo-alpha", "0.05"], lambda r_w, r_l, lw, ll, n_w, n_l:
+             -log_sigmoid(B * (r_w - r_l) + 0.05 * (n_w - n_l))),
+    "simpo": (["--loss", "simpo", "--simpo-gamma", "0.3", "--label-smoothing", str(EPS)],
+              lambda r_w, r_l, lw, ll, n_w, n_l: (
+                  -(1 - EPS) * log_sigmoid(B * (lw / n_w - ll / n_l) - 0.3)
+                  - EPS * log_sigmoid(-(B * (lw / n_w - ll / n_l) - 0.3)))),
+    "orpo": (["--loss", "orpo"], lambda r_w, r_l, lw, ll, n_w, n_l: (
+        -lw / n_w - B * log_sigmoid(
+            (lw / n_w - math.log(-math.expm1(lw / n_w)))
+            - (ll / n_l - math.log(-math.expm1(ll / n_l)))))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AWAY_FROM_ZERO))
+def test_each_loss_flag_gives_its_formula_away_from_step_zero(files, sft_ckpt, tmp_path,
+                                                             enc, name):
+    """At step 0 policy = reference, where five of these give ln 2: a flag that never
+    reached dpo_loss would pass there. One pair a step (--batch-size 1), so every logged
+    record is one pair's numbers; steps 2.. have policy != reference."""
+    flags, formula = AWAY_FROM_ZERO[name]
+    train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "6", "--batch-size", "1",
+                            "--beta", str(B), "--log-every", "1", "--lr", "3e-3", *flags))
+    ds = data.PreferenceDataset(files["pairs_train"], enc, 256, 128, log=None)
+    order = data.BatchOrder(ds.lengths(), 1, 3, group_by_length=True)  # as train_dpo.py
+    log = records(tmp_path / "dpo/metrics.jsonl")[1:]
+    for r in log:
+        item = ds[order(r["step"] - 1)[0][0]]
+        n_w, n_l = sum(item["chosen_mask"]), sum(item["rejected_mask"])
+        lw, ll = r["logps/chosen"], r["logps/rejected"]
+        if name in ("simpo", "orpo"):  # their rewards: beta * the averaged log-probs
+            assert r["rewards/chosen"] == pytest.approx(B * lw / n_w, rel=1e-5)
+        r_w, r_l = r["rewards/chosen"] / B, r["rewards/rejected"] / B
+        assert r["loss"] == pytest.approx(formula(r_w, r_l, lw, ll, n_w, n_l), rel=1e-4,
+                                          abs=1e-6), r
+    assert any(abs(r["rewards/margins"]) > 1e-3 for r in log)  # away from h = 0
+    if name == "dpop":  # the penalty was active somewhere, and that is not plain DPO
+        assert any(r["rewards/chosen"] < 0 for r in log)
+    if name == "rdpo":  # length entered: chosen and rejected differ in length
+        assert any(sum(ds[order(r["step"] - 1)[0][0]]["chosen_mask"])
+                   != sum(ds[order(r["step"] - 1)[0][0]]["rejected_mask"]) for r in log)
+
+
+def test_sft_alpha_adds_the_chosen_nll(files, sft_ckpt, tmp_path):
+    """RPO through the script: the logged loss is loss/dpo + alpha * loss/nll + loss/aux,
+    and alpha changes the training."""
+    common = ["--steps", "3", "--batch-size", "4", "--log-every", "1"]
+    train_dpo.main(dpo_args(files, tmp_path / "rpo", sft_ckpt, *common, "--sft-alpha", "0.5"))
+    train_dpo.main(dpo_args(files, tmp_path / "dpo", sft_ckpt, *common))
+    for r in records(tmp_path / "rpo/dpo/metrics.jsonl"):
+        assert r["loss/nll"] > 0
+        assert r["loss"] == pytest.approx(r["loss/dpo"] + 0.5 * r["loss/nll"] + r["loss/aux"],
+                                          rel=1e-6)
+    for r in records(tmp_path / "dpo/dpo/metrics.jsonl"):
+        assert r["loss"] == pytest.approx(r["loss/dpo"], rel=1e-6)
+    assert max_diff(weights(tmp_path / "rpo/dpo.pt"), weights(tmp_path / "dpo/dpo.pt")) > 0
 
 
 def test_rdpo_alpha_zero_is_dpo_and_alpha_reaches_the_loss(files, sft_ckpt, tmp_path):
@@ -102,9 +181,12 @@ def test_trdpo_hard_sync_every_step_keeps_the_loss_at_ln2(files, sft_ckpt, tmp_p
 
 @pytest.mark.parametrize("bad", [["--precompute-ref"], ["--reference-free"],
                                  ["--loss", "simpo"]])
-def test_trdpo_is_refused_without_a_reference_model(files, sft_ckpt, tmp_path, bad):
-    with pytest.raises(SystemExit):
+def test_trdpo_is_refused_without_a_reference_model(files, sft_ckpt, tmp_path, bad, capsys):
+    with pytest.raises(SystemExit) as exit_:
         train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--sync-ref-every", "2", *bad))
+    assert exit_.value.code == 2
+    assert "--sync-ref-every moves the reference during training: it needs a reference " \
+        "model" in capsys.readouterr().err
 
 
 def test_trdpo_and_bco_resume_exactly(files, sft_ckpt, tmp_path):
@@ -173,6 +255,21 @@ def test_schedule_and_optimizer_flags_through_sft(files, tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert log[-1]["lr"] == pytest.approx(1.875e-3, rel=1e-6)
     assert all(r["grad_norm"] > 0 for r in log)
+    assert max(r["grad_norm"] for r in log) > 0.2  # so clipping at 0.2 acts
+    # Each of the three flags alone changes the weights from a run with clip 0.2, decay
+    # 0.1 and length-grouped batches, and --grad-clip 0 (no clipping) still trains
+    flags = {"--grad-clip": ["--grad-clip", "0"], "--weight-decay": ["--weight-decay", "0"],
+             "--no-group-by-length": ["--no-group-by-length"]}
+    common = ["--steps", "4", "--batch-size", "32", "--warmup-steps", "1", "--grad-clip",
+              "0.2"]
+    train_sft.main(sft_args(files, tmp_path / "defaults", *common))
+    train_sft.main(sft_args(files, tmp_path / "still", *common, "--lr", "0"))
+    base = weights(tmp_path / "defaults/sft.pt")
+    for name, flag in flags.items():
+        train_sft.main(sft_args(files, tmp_path / name, *common, *flag))
+        moved = weights(tmp_path / name / "sft.pt")
+        assert max_diff(moved, base) > 1e-6, name
+        assert max_diff(moved, weights(tmp_path / "still/sft.pt")) > 1e-4, name
 
 
 def test_compile_gives_the_eager_losses(files, tmp_path):
@@ -182,6 +279,7 @@ def test_compile_gives_the_eager_losses(files, tmp_path):
                timeout=600)
     eager = records(tmp_path / "eager/sft/metrics.jsonl")
     compiled = records(tmp_path / "compiled/sft/metrics.jsonl")
+    assert len(eager) == len(compiled) == 2
     for a, b in zip(eager, compiled):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
@@ -196,6 +294,40 @@ def test_sample_flags(sft_ckpt, tmp_path):
     out = run_script("sample.py", "--ckpt", str(sft_ckpt), "--system", "Be brief.",
                      "--prompt", "What is 7 + 5?", "--max-new-tokens", "4", "--device", "cpu")
     assert out.count("sft.pt:") == 1
+
+
+def test_sample_flags_reach_the_sampler(tmp_path):
+    """Each flag changes what is generated the way it should: top-k 1 and a tiny top-p are
+    greedy whatever the temperature; the seed picks the sample; --system enters the
+    prompt (the script's answer is the one generated after that system message). On a
+    random model, whose answers are long and varied."""
+    import sample
+    import tokenizer
+    from model import Transformer, make_config, save_checkpoint
+    torch.manual_seed(0)
+    ckpt, model = tmp_path / "random.pt", Transformer(make_config(
+        "tiny", vocab_size=1536, dim=32, n_layers=2, n_heads=4, n_kv_heads=2))
+    with torch.no_grad():  # weights 25x init's: logits far from uniform, set by the prompt
+        for p in model.parameters():
+            p.mul_(25)
+    save_checkpoint(str(ckpt), model, tokenizer.tokenizer_identity())
+
+    def answer(*flags):
+        out = run_script("sample.py", "--ckpt", str(ckpt), "--prompt", "What is 7 + 5?",
+                         "--max-new-tokens", "12", *flags)
+        return out.split("random.pt: ", 1)[1][:-1]  # less print()'s newline
+
+    greedy = answer()
+    hot = [answer("--temperature", "20", "--seed", str(seed)) for seed in (5, 5, 6)]
+    assert hot[0] == hot[1] != hot[2] and greedy not in hot
+    assert answer("--temperature", "20", "--top-k", "1", "--seed", "5") == greedy
+    assert answer("--temperature", "20", "--top-p", "1e-9", "--seed", "5") == greedy
+    model = sample.load_model(str(ckpt), DEFAULT_TOKENIZER, "cpu")
+    system = [{"role": "system", "content": "You answer in French."}]
+    user = [{"role": "user", "content": "What is 7 + 5?"}]
+    expected = sample.reply(model, tokenizer.load_tokenizer(), system + user, 12)[0]
+    assert expected != greedy
+    assert answer("--system", "You answer in French.") == expected
 
 
 def test_evaluate_on_your_own_prompt_file(sft_ckpt, tmp_path):
@@ -223,23 +355,35 @@ def test_shape_flags_reach_the_model(files, tmp_path):
 
 
 def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
-    """sweep.py end to end on a small scale: two rows (one sharing the reference cache,
-    one reference-free), one evaluate.py call, the table; a second call reuses the runs."""
-    args = ["--runs", "sigmoid", "simpo", "--sft-ckpt", str(sft_ckpt), "--out-dir",
-            str(tmp_path), "--nproc", "1", "--samples", "1", "--limit", "12",
+    """sweep.py end to end on a small scale: three rows (two sharing one reference cache,
+    one reference-free), one evaluate.py call, the table; a second call reuses the runs,
+    and a third, from another SFT model, trains them again."""
+    sft = tmp_path / "sft.pt"
+    sft.write_bytes(sft_ckpt.read_bytes())
+    args = ["--runs", "sigmoid", "rdpo", "simpo", "--sft-ckpt", str(sft), "--out-dir",
+            str(tmp_path / "sweep"), "--nproc", "1", "--samples", "1", "--limit", "12",
             "--train-flags", f"--data {files['pairs_train']} --val-data {files['pairs_val']} "
             "--steps 2 --batch-size 4"]
     out = run_script("sweep.py", *args, timeout=300)
+    tmp_path = tmp_path / "sweep"
     rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert [r.split(" | ")[0] for r in rows[1:]] == ["| sigmoid", "| simpo"]
-    assert "`--loss simpo --beta 2.5 --simpo-gamma 1.25`" in rows[2]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| sigmoid", "| rdpo", "| simpo"]
+    assert "`--loss simpo --beta 2.5 --simpo-gamma 1.25`" in rows[3]
     assert os.path.exists(tmp_path / "table.md")
     assert os.listdir(tmp_path / "sigmoid/dpo")  # the reference cache and metrics
+    for name, said in (("sigmoid", "computed"), ("rdpo", "loaded")):  # one cache, shared
+        with open(tmp_path / name / "train.log", encoding="utf-8") as f:
+            assert f"reference log-probs: {said}" in f.read(), name
     assert "beta: each run's --beta where it has one, else train_dpo.py's default" in out
     with open(tmp_path / "sigmoid/train.log", encoding="utf-8") as f:  # not TinyChat's file
         assert f.readline().startswith("beta 0.1 (the DPO paper's")
     again = run_script("sweep.py", *args, timeout=300)
     assert "[sigmoid]" not in again  # finished runs are not trained again
+    train_sft.main(sft_args(files, sft.parent / "retrained", "--steps", "2", "--batch-size",
+                            "4", "--seed", "9"))
+    sft.write_bytes((sft.parent / "retrained/sft.pt").read_bytes())  # a new SFT model
+    third = run_script("sweep.py", *args, timeout=300)
+    assert "[sigmoid]" in third and "[simpo]" in third  # not mixed into the old table
 
 
 def test_sweep_list_and_retrain(files, sft_ckpt, tmp_path):

@@ -87,6 +87,7 @@ def test_sigmoid_matches_per_example_formula(beta, smoothing):
 
 
 def test_ipo_uses_per_token_averages():
+    torch.manual_seed(0)
     pc, pr, rc, rr = random_logps(seed=2)
     nc = torch.randint(1, 30, (len(pc),)).double()
     nr = torch.randint(1, 30, (len(pc),)).double()
@@ -202,6 +203,7 @@ def test_every_loss_is_finite_with_finite_gradients_at_h_1e4(loss_type, h):
 
 
 def test_sigmoid_gradient_wrt_h():
+    torch.manual_seed(0)
     beta, N = 0.25, 16
     h = torch.randn(N, dtype=torch.float64, requires_grad=True)
     zeros = torch.zeros(N, dtype=torch.float64)
@@ -302,8 +304,11 @@ def test_chunked_token_logps_matches_log_softmax_values_and_gradients(dtype):
     with ctx:
         chunked = ChunkedTokenLogps.apply(hidden, weight, targets, 7)  # 8 chunks
     (chunked * upstream).sum().backward()
-    tol = 1e-5 if dtype == "float32" else 2e-2
+    # bf16: the values differ by ~2e-6; the weight's gradient, summed over chunks in fp32
+    # rather than in one bf16 matmul, by 0.3% of its largest entry: 1% lets that through
+    # and stops a 4% scale error
+    tol, rel = (1e-5, 1e-5) if dtype == "float32" else (1e-4, 1e-2)
     assert chunked.dtype == torch.float32
     assert (chunked - plain).abs().max() < tol
-    assert (hidden.grad - grads[0]).abs().max() < tol * 10
-    assert (weight.grad - grads[1]).abs().max() < tol * 10
+    assert (hidden.grad - grads[0]).abs().max() <= rel * grads[0].abs().max()
+    assert (weight.grad - grads[1]).abs().max() <= rel * grads[1].abs().max()

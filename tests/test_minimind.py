@@ -5,7 +5,6 @@ and its load-balancing loss match a hand-worked example, and DPO runs on a conve
 under torchrun."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -65,6 +64,32 @@ def test_round_trip_to_minimind_is_bit_equal(converted, tmp_path, name):
     assert set(back) == set(original)
     for key in original:
         assert back[key].dtype == original[key].dtype and torch.equal(back[key], original[key])
+
+
+def test_a_model_without_qk_norm_needs_its_head_count(tmp_path):
+    """Without q/k-norm the weights do not say how many heads there are (4 heads of 8 and
+    8 of 4 have the same shapes, and different logits): convert.py asks for --n-heads,
+    and with the right one gives the same logits. A wrong --experts-per-token is refused,
+    never clamped."""
+    from convert import to_minimind
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=6400, dim=32, n_layers=2, n_heads=4,
+                                    n_kv_heads=2, norm_eps=1e-6)).eval()  # MiniMind's eps
+    torch.save(to_minimind(model), tmp_path / "plain.pth")
+    args = ["--from-minimind", tmp_path / "plain.pth", "--tokenizer-dir", FIXTURES, "--out",
+            tmp_path / "plain.pt"]
+    result = convert(*args)
+    assert result.returncode == 1 and "pass --n-heads" in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert convert(*args, "--n-heads", "4").returncode == 0
+    back = model_from_checkpoint(load_checkpoint(tmp_path / "plain.pt")).eval()
+    ids = torch.randint(0, 6400, (2, 12))
+    with torch.no_grad():
+        assert (back(ids) - model(ids)).abs().max().item() < 1e-5
+    result = convert("--from-minimind", os.path.join(FIXTURES, "moe.pth"), "--tokenizer-dir",
+                     FIXTURES, "--out", tmp_path / "moe.pt", "--experts-per-token", "7")
+    assert result.returncode == 1
+    assert result.stderr == "error: --experts-per-token 7: this model has 4 experts\n"
 
 
 def test_a_key_that_is_not_mapped_is_an_error_that_names_it(tmp_path):
@@ -180,22 +205,39 @@ def test_dpo_on_a_converted_minimind_model_two_ranks_equal_one(converted, tmp_pa
 
 
 def test_moe_load_balancing_loss_is_trained_and_logged(converted, files, tmp_path):
-    """SFT with --n-experts through the script, then DPO of a converted MiniMind MoE model
-    under torchrun (every expert's parameters in DDP's graph, used or not)."""
-    train_sft.main(sft_args(files, tmp_path / "sft", "--steps", "2", "--batch-size", "8",
-                            "--n-experts", "4", "--experts-per-token", "2", "--log-every", "1"))
-    with open(tmp_path / "sft/sft/metrics.jsonl", encoding="utf-8") as f:
-        assert all(json.loads(line)["loss/aux"] > 0 for line in f)
+    """SFT with --n-experts through the script: the aux loss is logged, and it trains the
+    routers (with --aux-loss-coef 0 it is 0 and the routers end elsewhere). Then DPO of a
+    converted MiniMind MoE model under torchrun (every expert's parameters in DDP's graph,
+    used or not): the logged loss is its terms' sum, and the routers move."""
+    moe = ["--steps", "2", "--batch-size", "8", "--n-experts", "4", "--experts-per-token", "2",
+           "--log-every", "1"]
+    train_sft.main(sft_args(files, tmp_path / "sft", *moe))
+    train_sft.main(sft_args(files, tmp_path / "noaux", *moe, "--aux-loss-coef", "0"))
+    assert all(r["loss/aux"] > 0 for r in records(tmp_path / "sft/sft/metrics.jsonl"))
+    assert all(r["loss/aux"] == 0 for r in records(tmp_path / "noaux/sft/metrics.jsonl"))
+    with_aux, without = weights(tmp_path / "sft/sft.pt"), weights(tmp_path / "noaux/sft.pt")
+    routers = [k for k in with_aux if k.endswith("ffn.router.weight")]
+    assert len(routers) == int(SHAPE[SHAPE.index("--n-layers") + 1])
+    assert max((with_aux[k] - without[k]).abs().max().item() for k in routers) > 0
     pairs = minimind_pairs(tmp_path / "dpo.jsonl")
     torchrun("train_dpo.py", ["--data", pairs, "--val-data", "", "--sft-ckpt",
                               str(converted / "moe.pt"), "--tokenizer",
                               str(converted / "minimind.tiktoken"), "--steps", "2",
                               "--batch-size", "2", "--log-every", "1",
                               "--out-dir", str(tmp_path / "dpo"), *QUIET])
-    with open(tmp_path / "dpo/dpo/metrics.jsonl", encoding="utf-8") as f:
-        logged = [json.loads(line) for line in f]
-    assert all(r["loss/aux"] > 0 and math.isfinite(r["loss"]) for r in logged)
-    assert SHAPE  # the SFT run above used the tests' small shape
+    logged = records(tmp_path / "dpo/dpo/metrics.jsonl")
+    assert len(logged) == 2
+    for r in logged:
+        assert r["loss/aux"] > 0
+        assert r["loss"] == pytest.approx(r["loss/dpo"] + r["loss/aux"], rel=1e-6)
+    before, after = weights(converted / "moe.pt"), weights(tmp_path / "dpo/dpo.pt")
+    routers = [k for k in before if k.endswith("ffn.router.weight")]
+    assert routers and max((after[k] - before[k]).abs().max().item() for k in routers) > 0
+
+
+def records(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def test_dpo_pairs_with_reasoning_are_refused_with_the_minimind_template(mm_enc, tmp_path):

@@ -24,6 +24,7 @@ def small_model(shape="tiny", seed=0):
 
 @pytest.mark.parametrize("shape", sorted(SMALL))
 def test_causality(shape):
+    torch.manual_seed(0)
     model = small_model(shape)
     x = torch.randint(0, 97, (2, 20))
     t = 11
@@ -75,6 +76,7 @@ def test_sampling_with_top_k_one_is_greedy():
 
 
 def test_rope_dot_product_depends_only_on_offset():
+    torch.manual_seed(0)
     D = 16
     cos, sin = rope_tables(D, 64, 1e6)
     q, k = torch.randn(D), torch.randn(D)
@@ -174,9 +176,11 @@ def test_cpu_bf16_autocast_runs_attention_in_fp32(monkeypatch):
         return real(q, k, v, **kwargs)
 
     monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=1, n_heads=4, n_kv_heads=2))
     ids = torch.randint(0, 40, (2, 9))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(ids)
     assert seen == [(torch.float32, False)] and logits.dtype == torch.bfloat16
-    assert (logits.float() - model(ids)).abs().max() < 0.1  # bf16 rounding, not a bug
+    # bf16 rounding: 0.0022 here; halving the attention's output would give 0.067
+    assert (logits.float() - model(ids)).abs().max() < 0.01

@@ -235,10 +235,14 @@ def test_a_rank_killed_stops_the_other_and_resume_ends_where_it_would_have(files
     common = ["--steps", "120", "--batch-size", "4", "--save-every", "3", "--eval-every", "0",
               "--val-data", ""]
     args = dpo_args(files, tmp_path / "cut", sft_ckpt, *common)
-    proc = launch(torchrun_command("train_dpo.py", args))
+    # 120 steps of at least 50 ms: the kill, right after the first checkpoint (step 3),
+    # always lands mid-run
+    proc = launch(torchrun_command(os.path.join("tests", "slow_steps.py"), args),
+                  env=dict(os.environ, PYTHONPATH=ROOT))
     wait_for(tmp_path / "cut/dpo.pt", proc)
-    ranks = {}
+    ranks, deadline = {}, time.time() + 30
     while len(ranks) < 2:
+        assert time.time() < deadline, "torchrun's two ranks were not found"
         ranks = {rank: pid for pid, rank in children(proc.pid).items()}
     os.kill(ranks[1], signal.SIGKILL)
     try:
@@ -264,17 +268,25 @@ def test_a_nan_loss_on_one_rank_stops_both_ranks(files, sft_ckpt, tmp_path):
     assert "loss became nan at step 2" in out, out[-3000:]
 
 
-def test_two_nodes_equal_one_process_with_twice_the_batch(files, sft_ckpt, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = dpo_args(files, tmp_path / "two", sft_ckpt, "--steps", "4", "--batch-size", "4")
+def two_nodes(args, port):
     nodes = [launch([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                      "--node-rank", str(rank), "--nproc-per-node", "1", "--rdzv-backend",
                      "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "minidpo-test",
                      os.path.join(ROOT, "train_dpo.py"), *args]) for rank in (0, 1)]
-    for node in nodes:
-        out, _ = node.communicate(timeout=180)
+    return [(node, node.communicate(timeout=180)[0]) for node in nodes]
+
+
+def test_two_nodes_equal_one_process_with_twice_the_batch(files, sft_ckpt, tmp_path):
+    args = dpo_args(files, tmp_path / "two", sft_ckpt, "--steps", "4", "--batch-size", "4")
+    for attempt in range(3):  # a free port is free when asked, and may be taken after
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        runs = two_nodes(args, port)
+        if all(node.returncode == 0 for node, _ in runs) or not any(
+                "Address already in use" in out for _, out in runs):
+            break
+    for node, out in runs:
         assert node.returncode == 0, out[-3000:]
     train_dpo.main(dpo_args(files, tmp_path / "one", sft_ckpt, "--steps", "4", "--batch-size",
                             "8"))
@@ -293,3 +305,144 @@ def test_sigterm_stops_with_a_message_and_the_checkpoint_intact(files, tmp_path)
     assert 2 <= step < 400
     train_sft.main(args + ["--resume", "--stop-after", "2"])  # and it resumes
     assert load_checkpoint(str(tmp_path / "sft.pt"))["train_state"]["step"] == step + 2
+
+
+# ----------------------------------------------------------------------------
+# Input files that must not hurt: each refused with one clear line, before harm is done
+
+
+def small_checkpoint(path, **config):
+    model = Transformer(ModelConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=1,
+                                    **config))
+    save_checkpoint(str(path), model, {"sha256": "x", "vocab_size": 16})
+    return model
+
+
+def test_old_torch_is_refused_before_loading(tmp_path, monkeypatch):
+    small_checkpoint(tmp_path / "a.pt")
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(UserError, match=r"torch 2.5.1\+cpu cannot load checkpoints safely"):
+        load_checkpoint(str(tmp_path / "a.pt"))
+
+
+def test_a_compressed_checkpoint_is_not_inflated(tmp_path):
+    """torch.save stores its entries; a deflated one (a zip bomb: kilobytes that inflate
+    to gigabytes) is refused from the zip directory alone."""
+    import zipfile
+    small_checkpoint(tmp_path / "a.pt")
+    with zipfile.ZipFile(tmp_path / "a.pt") as src, zipfile.ZipFile(
+            tmp_path / "bomb.pt", "w", zipfile.ZIP_DEFLATED) as dst:
+        for entry in src.infolist():
+            dst.writestr(entry.filename, src.read(entry))
+        dst.writestr("a/data/huge", b"\0" * 50_000_000)  # 50 MB in ~50 KB
+    assert os.path.getsize(tmp_path / "bomb.pt") < 200_000
+    with pytest.raises(UserError, match="compressed entries.*refusing to inflate"):
+        load_checkpoint(str(tmp_path / "bomb.pt"))
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"dim": 4096}, r"does not match its config: tok_embeddings.weight \(16, 8\) \(expected "
+                    r"\(16, 4096\)\)"),
+    ({"vocab_size": 10 ** 12}, "does not match its config"),
+    ({"n_layers": 10 ** 6}, "config n_layers is 1000000, the weights have 1"),
+    ({"n_experts": 10 ** 6}, "config n_experts is 1000000, the weights have 0"),
+    ({"surprise": 1}, r"unknown config keys \['surprise'\]"),
+    ({"dim": "8"}, "config dim must be int, got '8'"),
+    ({"n_heads": 3}, r"dim \(8\) must divide by n_heads \(3\)"),
+])
+def test_a_checkpoints_config_is_checked_before_any_tensor_is_allocated(tmp_path, change,
+                                                                        words):
+    """A 2 KB file whose config asks for a huge model is refused on the meta device (no
+    memory): at most a few MB are allocated on the way (tracemalloc's peak)."""
+    import tracemalloc
+    small_checkpoint(tmp_path / "a.pt")
+    ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
+    ckpt["config"].update(change)
+    torch.save(ckpt, tmp_path / "bad.pt")
+    from model import model_from_checkpoint
+    tracemalloc.start()
+    with pytest.raises(UserError, match=words):
+        model_from_checkpoint(load_checkpoint(str(tmp_path / "bad.pt")), str(tmp_path / "bad.pt"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20_000_000
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt",
+                             str(tmp_path / "bad.pt"), "--prompt", "hi"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 1 and result.stderr.startswith("error: ")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_a_planted_link_at_the_temporary_name_is_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.symlink(victim, tmp_path / "sft.pt.tmp")  # where the old code wrote first
+    small_checkpoint(tmp_path / "sft.pt")
+    assert victim.read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["sft.pt", "sft.pt.tmp", "victim.txt"]
+    load_checkpoint(str(tmp_path / "sft.pt"))
+
+
+def test_a_crafted_tokenizer_pattern_is_never_compiled(tmp_path):
+    """A pre-split pattern from a file could hang or crash the regex engine (a Rust panic,
+    which no except clause catches): only the known patterns are accepted."""
+    path = tmp_path / "t.tiktoken"
+    with open(tokenizer.DEFAULT_TOKENIZER, encoding="utf-8") as f:
+        path.write_text(f.read(), encoding="utf-8")
+    (tmp_path / "t.tiktoken.json").write_text(json.dumps({"pattern": "(a+)+$" * 50}))
+    with pytest.raises(UserError, match="unknown pre-split 'pattern'"):
+        tokenizer.load_tokenizer(str(path))
+    (tmp_path / "t.tiktoken.json").write_text(json.dumps({"pattern": tokenizer.SPLIT_PATTERN}))
+    assert tokenizer.load_tokenizer(str(path)).n_vocab == tokenizer.load_tokenizer().n_vocab
+
+
+def test_deeply_nested_json_is_a_record_error(files, sft_ckpt, tmp_path, capsys):
+    deep = "[" * 200_000 + "]" * 200_000
+    bad = tmp_path / "deep.jsonl"
+    with open(files["pairs_train"], encoding="utf-8") as f:
+        bad.write_text(f.read() + deep + "\n", encoding="utf-8")
+    args = dpo_args(files, tmp_path, sft_ckpt, "--steps", "1", "--batch-size", "4",
+                    "--no-save", "--skip-invalid")
+    args[args.index("--data") + 1] = str(bad)
+    train_dpo.main(args)
+    assert "skipped 1 invalid records: 1 JSON nested too deeply" in capsys.readouterr().out
+    (tmp_path / "deep.json").write_text(deep)
+    with pytest.raises(UserError, match="deep.json: JSON nested too deeply"):
+        data.load_records(str(tmp_path / "deep.json"), data.preference_messages)
+
+
+def test_resume_without_a_checkpoint_is_refused_and_keeps_the_metrics(files, tmp_path):
+    train_sft.main(sft_args(files, tmp_path, "--steps", "2", "--batch-size", "4", "--no-save"))
+    metrics = (tmp_path / "sft/metrics.jsonl").read_text()
+    with pytest.raises(UserError, match="--resume: no checkpoint at .*sft.pt to continue from"):
+        train_sft.main(sft_args(files, tmp_path, "--steps", "2", "--batch-size", "4",
+                                "--resume"))
+    assert (tmp_path / "sft/metrics.jsonl").read_text() == metrics
+
+
+def test_truncation_and_template_limits_are_reported(files, sft_ckpt, tmp_path, capsys,
+                                                     write_file):
+    long_user = [{"role": "user", "content": "word " * 400}, {"role": "assistant",
+                                                               "content": "ok"}]
+    with open(files["sft_train"], encoding="utf-8") as f:
+        sft = write_file("sft.jsonl", f.read() + json.dumps({"messages": long_user}) + "\n")
+    train_sft.main(sft_args(files, tmp_path / "sft", "--steps", "1", "--batch-size", "4",
+                            "--no-save", "--data", sft))
+    assert "dropped 1 conversations (no assistant token left within --max-len 256)" in \
+        capsys.readouterr().out
+    with pytest.raises(UserError, match="--max-prompt-len 4 is shorter than the chat "
+                                        r"template's emptiest prompt \(\d+ tokens\)"):
+        train_dpo.main(dpo_args(files, tmp_path / "dpo", sft_ckpt, "--max-prompt-len", "4"))
+
+
+def test_a_checkpoint_of_another_tokenizer_is_refused_through_the_script(files, sft_ckpt,
+                                                                         tmp_path):
+    other = tmp_path / "other.tiktoken"
+    with open(tokenizer.DEFAULT_TOKENIZER, encoding="utf-8") as f:
+        other.write_text("".join(f.readlines()[:300]), encoding="utf-8")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_dpo.py"), *dpo_args(
+        files, tmp_path, sft_ckpt, "--tokenizer", str(other))], capture_output=True, text=True,
+        cwd=ROOT, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"error: {sft_ckpt}: checkpoint was trained with a "
+                                    "different tokenizer")

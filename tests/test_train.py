@@ -12,6 +12,7 @@ import weakref
 import pytest
 import torch
 
+import data
 import train_dpo
 import train_sft
 import training
@@ -22,9 +23,11 @@ def test_sft_two_processes_equal_one_process_with_double_batch(files, tmp_path):
     train_sft.main(sft_args(files, tmp_path / "one", "--steps", "5", "--batch-size", "8"))
     torchrun("train_sft.py", sft_args(files, tmp_path / "two", "--steps", "5",
                                       "--batch-size", "4"))
+    train_sft.main(sft_args(files, tmp_path / "still", "--steps", "5", "--batch-size", "8",
+                            "--lr", "0"))  # the same start, never moved
     one, two = weights(tmp_path / "one/sft.pt"), weights(tmp_path / "two/sft.pt")
     assert max_diff(one, two) < 1e-5
-    assert max_diff(one, weights(tmp_path / "one/sft.pt")) == 0
+    assert max_diff(one, weights(tmp_path / "still/sft.pt")) > 1e-4  # the steps did train
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -126,13 +129,23 @@ def test_optimizer_step_skips_and_counts_non_finite_gradients():
         assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
-def test_float16_dpo_runs_and_counts_skips(files, sft_ckpt, tmp_path):
-    train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "3", "--batch-size", "4",
-                            "--dtype", "float16"))
+def test_float16_dpo_runs_and_counts_skips(files, sft_ckpt, tmp_path, monkeypatch):
+    """The GradScaler halves its scale on each step it skips (overflowing gradients) and,
+    with growth_interval 2000, never grows in 12 steps: so the skips logged must equal
+    log2(initial / final scale). Started at 2^24 (PyTorch's default is 2^16), the first
+    steps overflow."""
+    init = 2.0 ** 24
+    monkeypatch.setattr(training, "make_scaler", lambda device, dtype: torch.amp.GradScaler(
+        device.type, init_scale=init, enabled=dtype == "float16"))
+    train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "12", "--batch-size", "4",
+                            "--dtype", "float16", "--log-every", "1"))
     with open(tmp_path / "dpo/metrics.jsonl") as f:
-        last = [line for line in f][-1]
-    assert '"skipped_steps"' in last
-    assert load_checkpoint(str(tmp_path / "dpo.pt"))["train_state"]["scaler"]["scale"] > 0
+        log = [json.loads(line) for line in f]
+    ckpt = load_checkpoint(str(tmp_path / "dpo.pt"))
+    skipped = log[-1]["skipped_steps"]
+    assert 1 <= skipped < 12 and skipped == math.log2(init / ckpt["train_state"]["scaler"]["scale"])
+    assert [r["skipped_steps"] for r in log[:skipped]] == list(range(1, skipped + 1))
+    assert max_diff(ckpt["model"], weights(sft_ckpt)) > 0  # the steps after them trained
 
 
 def test_non_finite_loss_in_float32_stops_with_a_clear_message(files, sft_ckpt, tmp_path,
@@ -161,7 +174,6 @@ def test_sft_then_dpo_end_to_end_under_torchrun(files, tmp_path):
                                             "16", "--batch-size", "8", "--lr", "2e-3",
                                             "--log-every", "1", "--sft-alpha", "0"))
     assert "pairs/s" in out
-    import json
     with open(tmp_path / "dpo/metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert records[0]["step"] == 1 and abs(records[0]["loss"] - math.log(2)) < 1e-6
@@ -173,3 +185,28 @@ def test_sft_then_dpo_end_to_end_under_torchrun(files, tmp_path):
                              "--max-new-tokens", "8"], capture_output=True, text=True,
                             cwd=ROOT, timeout=120)
     assert result.returncode == 0 and "dpo.pt:" in result.stdout, result.stderr
+
+
+def test_sft_logs_the_token_mean_nll_of_its_batch(files, tmp_path, enc):
+    """train_sft.py's loss, checked against a value computed apart: with --lr 0 the saved
+    weights are the ones the first step ran with, so the logged loss must be the mean
+    over the batch's assistant tokens (prompt and padding excluded) of -log p, worked
+    out here with a full forward and log_softmax."""
+    train_sft.main(sft_args(files, tmp_path, "--steps", "1", "--batch-size", "8", "--lr", "0",
+                            "--log-every", "1", "--val-data", ""))
+    model = Transformer(ModelConfig(**load_checkpoint(str(tmp_path / "sft.pt"))["config"]))
+    model.load_state_dict(weights(tmp_path / "sft.pt"))
+    ds = data.SFTDataset(files["sft_train"], enc, 256, log=None)
+    batch = data.BatchOrder(ds.lengths(), 8, 3, group_by_length=True)(0)[0]  # seed 3, step 0
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for i in batch:
+            ids, mask = ds[i]
+            log_probs = model(torch.tensor([ids])).log_softmax(-1)[0]  # (T, V)
+            for t in range(1, len(ids)):
+                if mask[t]:  # an assistant token, predicted at t - 1
+                    nll -= log_probs[t - 1, ids[t]].item()
+                    n += 1
+    with open(tmp_path / "sft/metrics.jsonl") as f:
+        logged = json.loads(f.readline())
+    assert n > 0 and logged["loss"] == pytest.approx(nll / n, rel=1e-5)
