@@ -53,7 +53,9 @@ import torch.nn.functional as F
 import data
 import tokenizer
 import train_dpo
+import training
 from errors import ArgumentParser, UserError, run_main
+from training import peak_gpu_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MINIMIND_TOKENIZER = os.path.join(HERE, "tests", "fixtures", "minimind", "tokenizer.json")
@@ -181,12 +183,15 @@ def naive_main(argv):
     does each step, on the data and model train_dpo.py would build from the same flags.
     One process, fp32, --steps steps, batches in random order."""
     args = train_dpo.parse_args(argv)
+    device = torch.device(training.choose_device(args.device, False, 0, 1,
+                                                 torch.cuda.device_count()))
     torch.manual_seed(args.seed)
     enc = tokenizer.load_tokenizer(args.tokenizer)
     train_ds = data.PreferenceDataset(args.data, enc, args.max_len, args.max_prompt_len,
                                       args.skip_invalid, log=None)
     model = train_dpo.policy_from_sft(args, enc.n_vocab, tokenizer.tokenizer_identity(
         args.tokenizer))
+    model.to(device)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)  # MiniMind's: defaults
     order = torch.randperm(len(train_ds)).tolist()
@@ -197,6 +202,7 @@ def naive_main(argv):
         # MiniMind's DPODataset pads every sequence to max_length, x = ids[:-1], y = ids[1:]
         ids = F.pad(ids, (0, args.max_len - ids.shape[1]), value=train_ds.pad_id)
         mask = F.pad(mask, (0, args.max_len - mask.shape[1]))
+        ids, mask = ids.to(device), mask.to(device)
         x, y, mask = ids[:, :-1], ids[:, 1:], mask[:, 1:].float()  # (2B, T-1) each
         with torch.no_grad():
             ref_logits = reference(x)  # (2B, T-1, V): every position
@@ -209,9 +215,11 @@ def naive_main(argv):
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     elapsed = time.time() - t0
     print(f"done: {args.steps} steps in {elapsed:.1f}s; "
-          f"{args.steps * args.batch_size / elapsed:.2f} pairs/s")
+          f"{args.steps * args.batch_size / elapsed:.2f} pairs/s" + peak_gpu_memory(device))
 
 
 def log_probs_of(logits, labels):

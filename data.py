@@ -555,6 +555,14 @@ def pair_length(item):
     return 2 * len(item["prompt"]) + len(item["chosen"]) + len(item["rejected"])
 
 
+def to_device(tensor, device):
+    """A batch made on the CPU, onto device: on CUDA copied from pinned memory without
+    blocking, so the copy overlaps the work already queued."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def collate_sft(items, pad_id):
     """[(ids, mask)] -> (input_ids (B, T), loss_mask (B, T)), right-padded to the longest
     sequence of the batch (never to a fixed length). Padding is never in the mask.
@@ -613,7 +621,7 @@ class PackedPairs:
     seq: torch.Tensor
 
     def to(self, device):
-        return PackedPairs(*(t.to(device) for t in astuple(self)))
+        return PackedPairs(*(to_device(t, device) for t in astuple(self)))
 
 
 def pack_pairs(items):

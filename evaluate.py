@@ -25,6 +25,7 @@ from tqdm import tqdm
 import data
 import tasks
 import tokenizer
+import training
 from errors import ArgumentParser, UserError, run_main
 from loss import PAPER_BETA, TINYCHAT_BETA, choose_beta, concatenated_logps, response_logps
 from sample import eval_prompts, fit_for_generation, load_model
@@ -215,9 +216,11 @@ def main():
     parser.add_argument("--max-prompt-len", type=int, default=128, help="prompt truncation")
     parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER, help=".tiktoken file")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto (the GPU if there is one), "
+                        "cpu, cuda or cuda:N")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
+    args.device = training.choose_device(args.device, False, 0, 1, torch.cuda.device_count())
 
     enc = tokenizer.load_tokenizer(args.tokenizer)
     ref_path = args.ref or args.ckpt[0]

@@ -114,6 +114,12 @@ def split_chosen_rejected(logps, n_tokens):
             ChosenRejected(chosen=n_tokens[:B], rejected=n_tokens[B:]))
 
 
+@torch.compiler.disable  # under --compile it runs eagerly: its Python loop over chunks
+def chunked_token_logps(hidden, weight, labels):  # would recompile for every new N
+    """ChunkedTokenLogps.apply(hidden, weight, labels): log p(label) (N,), fp32."""
+    return ChunkedTokenLogps.apply(hidden, weight, labels)
+
+
 class ChunkedTokenLogps(torch.autograd.Function):
     """Opt-in (--chunked-head): log_softmax(hidden @ weight.T)[label] for each row of
     hidden (N, C), the same numbers, without ever holding the (N, V) logits.

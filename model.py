@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import ArgumentParser, UserError, run_main
-from loss import ChunkedTokenLogps
+from loss import chunked_token_logps
 
 
 @dataclass
@@ -345,7 +345,7 @@ class Transformer(nn.Module):
         if positions is not None:
             x = x[positions]  # (N, C)
         if labels is not None:
-            return ChunkedTokenLogps.apply(x, self.output.weight, labels)  # (N,)
+            return chunked_token_logps(x, self.output.weight, labels)  # (N,)
         return self.output(x)  # (B, T, V), or (N, V) with positions
 
     def num_params(self):
@@ -365,19 +365,24 @@ class Transformer(nn.Module):
         max_len = min(T + max_new_tokens, self.config.max_seq_len)
         cache = KVCache(self.config, B, max_len, idx.device, self.tok_embeddings.weight.dtype)
         logits = self(idx, cache=cache)[:, -1, :]  # (B, V)
-        out = [[] for _ in range(B)]
+        new_ids = []  # one (B,) tensor per step, left on the device: no sync per token
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for _ in range(max_len - T):
+        for i in range(max_len - T):
             next_id = sample_next(logits.float(), temperature, top_k, top_p, generator)  # (B,)
-            for b in range(B):
-                if not done[b]:
-                    out[b].append(int(next_id[b]))
+            new_ids.append(next_id)
             if stop_id is not None:
                 done |= next_id == stop_id
-            if done.all() or cache.pos >= max_len:
+                if i % 16 == 15 and done.all():  # one look every 16 tokens: a host sync
+                    break
+            if cache.pos >= max_len:
                 break
             logits = self(next_id[:, None], cache=cache)[:, -1, :]  # (B, V)
-        return out
+        if not new_ids:
+            return [[] for _ in range(B)]
+        rows = torch.stack(new_ids, dim=1).tolist()  # (B, L): one copy to the host
+        if stop_id is None:
+            return rows
+        return [row[:row.index(stop_id) + 1] if stop_id in row else row for row in rows]
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

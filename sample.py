@@ -13,6 +13,7 @@ import torch
 import data
 import tasks
 import tokenizer
+import training
 from errors import ArgumentParser, run_main
 from model import check_tokenizer, load_checkpoint, model_from_checkpoint
 
@@ -133,8 +134,10 @@ def main():
     parser.add_argument("--top-k", type=int, default=None, help="sample from the top k")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto (the GPU if there is one), "
+                        "cpu, cuda or cuda:N")
     args = parser.parse_args()
+    args.device = training.choose_device(args.device, False, 0, 1, torch.cuda.device_count())
 
     enc = tokenizer.load_tokenizer(args.tokenizer)
     models = {args.ckpt: load_model(args.ckpt, args.tokenizer, args.device)}

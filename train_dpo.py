@@ -188,7 +188,7 @@ def main(argv=None):
     # 5. Optimizer, learning-rate schedule, AMP scaler
     optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay)
     scaler = training.make_scaler(device, args.dtype)
-    start_step = training.restore_training_state(resume, optimizer, scaler)
+    start_step = training.restore_training_state(resume, optimizer, scaler, device)
     if resume is not None:
         log(f"resumed from {ckpt_path} at step {start_step}")
     metrics_log = training.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
@@ -254,9 +254,9 @@ def main(argv=None):
         # BCO: delta = running mean of the rewards of the steps so far; this step used the
         # delta of the steps before it (TRL's older code also counted the current batch and
         # evaluation batches; TRL 1.16 has no delta at all)
-        if args.loss == "bco_pair":
-            mean_reward = (record["rewards/chosen"] + record["rewards/rejected"]) / 2
-            bco_delta += (mean_reward - bco_delta) / done
+        mean_reward = (record["rewards/chosen"] + record["rewards/rejected"]) / 2
+        if args.loss == "bco_pair" and not skipped and math.isfinite(mean_reward):
+            bco_delta += (mean_reward - bco_delta) / done  # a skipped step leaves it as is
         if args.sync_ref_every and done % args.sync_ref_every == 0:  # TR-DPO, soft update
             with torch.no_grad():
                 for r, p in zip(reference.parameters(), raw_model.parameters()):
@@ -281,7 +281,7 @@ def main(argv=None):
             metrics_log.write(record)
         if is_main and not args.no_save and (done == end_step or
                                              (args.save_every and done % args.save_every == 0)):
-            state = training.train_state(optimizer, scaler, done, args, run)
+            state = training.train_state(optimizer, scaler, done, args, run, device)
             state["dpo"] = {"bco_delta": bco_delta, "reference": (
                 reference.state_dict() if args.sync_ref_every else None)}
             save_checkpoint(ckpt_path, raw_model, tokenizer_id, state)
@@ -291,7 +291,8 @@ def main(argv=None):
     elapsed = time.time() - t0
     log(f"done: {end_step - start_step} steps in {elapsed:.1f}s, {skipped_steps} skipped; "
         f"{pairs_seen / max(elapsed, 1e-9):.2f} pairs/s, {tokens_seen / max(elapsed, 1e-9):.0f} "
-        f"tokens/s" + ("" if args.no_save else f"; saved {ckpt_path}"))
+        f"tokens/s" + training.peak_gpu_memory(device)
+        + ("" if args.no_save else f"; saved {ckpt_path}"))
     if is_main and args.samples:
         show_samples(raw_model, enc, args.samples, device, args.data, args.val_data, pairs=True)
 
@@ -369,7 +370,7 @@ def pair_batch(dataset, idx, args, device):
     if args.packed:
         return data.pack_pairs(items).to(device)
     ids, mask = data.collate_pairs(items, dataset.pad_id)
-    return ids.to(device), mask.to(device)
+    return data.to_device(ids, device), data.to_device(mask, device)
 
 
 def pair_logps(model, batch, args):
@@ -399,14 +400,15 @@ def precompute_reference(reference, train_ds, val_ds, args, run, ctx, dist_info,
     held-out pair, {"train": (N, 2), "val": (M, 2)}, cached on disk under a key of
     everything they depend on (SFT weights, data files, tokenisation, dtype); the file
     hashes come from `run` (training.run_identity), which has them already."""
-    key = hashlib.sha256("|".join([
-        run["sft_ckpt_sha256"] if args.sft_ckpt else f"random-init-seed{args.seed}-"
-        f"{reference.config}", run["data_sha256"],
-        training.file_digest(args.val_data) if val_ds else "", run["tokenizer_sha256"],
-        str(args.max_len), str(args.max_prompt_len), args.dtype,
-        str(args.skip_invalid)]).encode()).hexdigest()[:16]
+    key = reference_cache_key(args, run, reference.config, val_ds is not None,
+                              dist_info.device.type)
     cache_path = os.path.join(args.out_dir, STAGE, f"ref_logps_{key}.pt")
-    if os.path.exists(cache_path):
+    found = os.path.exists(cache_path)
+    if dist_info.world_size > 1:  # every rank takes the same branch (out-dirs may be local)
+        flag = torch.tensor([float(found)], device=dist_info.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        found = bool(flag.item())
+    if found:
         log(f"reference log-probs: loaded {cache_path}")
         return torch.load(cache_path, weights_only=True)
     t0 = time.time()
@@ -419,6 +421,17 @@ def precompute_reference(reference, train_ds, val_ds, args, run, ctx, dist_info,
         save_tensors(tables, cache_path)
     log(f"reference log-probs: computed in {time.time() - t0:.1f}s, cached in {cache_path}")
     return tables
+
+
+def reference_cache_key(args, run, config, has_val, device_type):
+    """16 hex digits of everything the reference's log-probs depend on: SFT weights (or the
+    seed and shape of a fresh model), data files, tokenisation, dtype and the device type
+    (CPU and GPU kernels round differently)."""
+    return hashlib.sha256("|".join([
+        run["sft_ckpt_sha256"] if args.sft_ckpt else f"random-init-seed{args.seed}-{config}",
+        run["data_sha256"], training.file_digest(args.val_data) if has_val else "",
+        run["tokenizer_sha256"], str(args.max_len), str(args.max_prompt_len), args.dtype,
+        str(args.skip_invalid), device_type]).encode()).hexdigest()[:16]
 
 
 def reference_table(reference, dataset, batch_size, ctx, dist_info):

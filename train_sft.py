@@ -81,6 +81,11 @@ def main(argv=None):
     train_lengths = train_ds.lengths()
     order = data.BatchOrder(train_lengths, args.batch_size, args.seed, dist_info.rank,
                             dist_info.world_size, args.grad_accum, args.group_by_length)
+    # every rank's examples of a step (the same global batch, as one rank would take it):
+    # the token count of the whole step is known here, with no collective
+    every_rank = data.BatchOrder(train_lengths, args.batch_size * dist_info.world_size,
+                                 args.seed, 0, 1, args.grad_accum, args.group_by_length)
+    targets = [sum(mask[1:]) for _, mask in train_ds.items]  # assistant tokens predicted
     if order.steps_per_epoch == 0:
         raise UserError(f"{args.data}: {len(train_ds)} conversations are fewer than one "
                         f"global batch ({args.batch_size} x {dist_info.world_size})")
@@ -103,7 +108,7 @@ def main(argv=None):
     # 5. Optimizer, learning-rate schedule, AMP scaler
     optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay)
     scaler = training.make_scaler(device, args.dtype)
-    start_step = training.restore_training_state(resume, optimizer, scaler)
+    start_step = training.restore_training_state(resume, optimizer, scaler, device)
     if resume is not None:
         log(f"resumed from {ckpt_path} at step {start_step}")
     metrics_log = training.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
@@ -122,15 +127,13 @@ def main(argv=None):
         micro = order(step)  # grad_accum lists of example indices
         # Token-mean over the whole global batch: divide by the count on all ranks and
         # all micro-batches (DDP then averages the gradients over ranks, hence * world).
-        local_targets = sum(sum(train_ds[i][1][1:]) for idx in micro for i in idx)
-        global_targets = training.all_reduce_sum([local_targets], dist_info.world_size,
-                                                 device)[0]
+        global_targets = sum(targets[i] for idx in every_rank(step) for i in idx)
         step_metrics = {"loss": 0.0, "loss/aux": 0.0}
         for k, idx in enumerate(micro):
             last = k == len(micro) - 1
             sync = nullcontext() if last or dist_info.world_size == 1 else model.no_sync()
             ids, mask = data.collate_sft([train_ds[i] for i in idx], train_ds.pad_id)
-            ids, mask = ids.to(device), mask.to(device)  # (B, T) each
+            ids, mask = data.to_device(ids, device), data.to_device(mask, device)
             with sync:
                 with ctx:
                     logps, n_tokens = response_logps(model, ids, mask, args.chunked_head)
@@ -165,13 +168,14 @@ def main(argv=None):
         if is_main and not args.no_save and (done == end_step or
                                              (args.save_every and done % args.save_every == 0)):
             save_checkpoint(ckpt_path, raw_model, tokenizer_id,
-                            training.train_state(optimizer, scaler, done, args, run))
+                            training.train_state(optimizer, scaler, done, args, run, device))
 
     # ------------------------------------------------------------------------
     # 7. Save (done above at the last step) and show a few answers
     elapsed = time.time() - t0
     log(f"done: {end_step - start_step} steps in {elapsed:.1f}s, {skipped_steps} skipped; "
         f"{tokens_seen / max(elapsed, 1e-9):.0f} tokens/s"
+        + training.peak_gpu_memory(device)
         + ("" if args.no_save else f"; saved {ckpt_path}"))
     if is_main and args.samples:
         show_samples(raw_model, enc, args.samples, device, args.data, args.val_data)

@@ -76,23 +76,57 @@ class Dist:
         return self.rank == 0
 
 
+def choose_device(requested, under_torchrun, local_rank, local_world_size, n_gpus):
+    """The device this process trains on, as a string, from --device and the launch; a
+    UserError where it cannot work. A pure function: every case is tested on CPU.
+
+        >>> choose_device("auto", False, 0, 1, 0), choose_device("auto", False, 0, 1, 2)
+        ('cpu', 'cuda:0')
+        >>> choose_device("cuda", True, 1, 2, 2), choose_device("cuda:1", False, 0, 1, 2)
+        ('cuda:1', 'cuda:1')
+    """
+    if requested == "auto":
+        requested = "cuda" if n_gpus else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    if requested != "cuda" and not (requested.startswith("cuda:")
+                                    and requested[5:].isdigit()):
+        raise UserError(f"--device {requested}: use auto, cpu, cuda or cuda:N")
+    if n_gpus == 0:
+        raise UserError(f"--device {requested}, but no CUDA GPU is visible (--device cpu?)")
+    if under_torchrun:
+        if requested != "cuda" and local_world_size > 1:
+            raise UserError(f"--device {requested} under torchrun: each of the "
+                            f"{local_world_size} processes of a machine takes its own GPU "
+                            "(cuda:LOCAL_RANK); pass --device cuda")
+        index = local_rank if requested == "cuda" else int(requested[5:])
+        if index >= n_gpus:
+            raise UserError(f"torchrun started {local_world_size} processes on this machine "
+                            f"but {n_gpus} GPU(s) are visible: use --nproc_per_node "
+                            f"{n_gpus} (or --device cpu)")
+        return f"cuda:{index}"
+    index = 0 if requested == "cuda" else int(requested[5:])
+    if index >= n_gpus:
+        raise UserError(f"--device {requested}, but {n_gpus} GPU(s) are visible")
+    return f"cuda:{index}"
+
+
 def setup_distributed(device="auto"):
     """Start torch.distributed when launched by torchrun (RANK is set): NCCL on CUDA, gloo on
     CPU. Plain `python script.py` gets world_size 1 and the same code path."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     ddp = "RANK" in os.environ
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    device = choose_device(device, ddp, local_rank, local_world_size,
+                           torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if device.startswith("cuda"):
-        device = f"cuda:{local_rank}" if ddp else device
         torch.cuda.set_device(device)
     if ddp and not dist.is_initialized():  # already, when train_dpo.py ran the SFT stage
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        if device == "cpu":  # share the cores between the processes on this machine
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if ddp and device == "cpu":  # share the cores between the processes on this machine
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
     return Dist(rank, local_rank, world_size, torch.device(device))
 
 
@@ -103,11 +137,14 @@ def wrap_model(model, compile_model, dist_info):
         model = torch.compile(model, dynamic=True)
     if dist_info.world_size > 1:
         device = dist_info.device
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # broadcast_buffers off: the only buffers are the RoPE tables, the same on every
+        # rank; DDP would otherwise send them before every forward (~25 MB at minimind-768)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False)
     return model
 
 
-def restore_training_state(resume, optimizer, scaler):
+def restore_training_state(resume, optimizer, scaler, device):
     """Load optimizer, scaler and RNG states saved by train_state(); return the step to
     continue from (0 when not resuming)."""
     if resume is None:
@@ -115,7 +152,7 @@ def restore_training_state(resume, optimizer, scaler):
     state = resume["train_state"]
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"], device)
     return state["step"]
 
 
@@ -176,6 +213,13 @@ def cleanup_distributed():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def peak_gpu_memory(device):
+    """", peak GPU memory N MiB" (torch.cuda.max_memory_allocated) on a GPU, else ""."""
+    if device.type != "cuda":
+        return ""
+    return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB"
 
 
 def autocast(device, dtype_name):
@@ -282,27 +326,30 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state():
-    """The random states, as tensors and plain values (checkpoint-safe)."""
+def rng_state(device):
+    """The random states, as tensors and plain values (checkpoint-safe): Python's, the
+    CPU's and, on a GPU, that of this process's GPU only (not every visible one: another
+    machine may have fewer). Every rank seeds alike and draws alike, so rank 0's state,
+    which the checkpoint keeps, is every rank's."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and torch.is_tensor(state.get("cuda")):  # on this rank's GPU
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train_state(optimizer, scaler, step, args, run):
+def train_state(optimizer, scaler, step, args, run, device):
     """What --resume needs besides the weights. The data position is the step itself: the
     batch order is a pure function of (seed, step) (data.BatchOrder)."""
     return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-            "rng": rng_state(), "args": vars(args), "run": run}
+            "rng": rng_state(device), "args": vars(args), "run": run}
 
 
 def total_steps(args, steps_per_epoch):

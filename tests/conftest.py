@@ -42,6 +42,8 @@ def write_file(tmp_path):
 SHAPE = ["--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
          "--max-seq-len", "256"]
 QUIET = ["--quiet", "--samples", "0", "--seed", "3"]
+CPU = ["--device", "cpu"]  # these tests check CPU numbers (bit-equal resume, ...): on a GPU
+# box too; tests/gpu/ has the GPU's own
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +63,13 @@ def files(tmp_path_factory):
 
 def sft_args(files, out, *extra):
     return ["--data", files["sft_train"], "--val-data", files["sft_val"], "--out-dir", str(out),
-            "--lr", "3e-3", "--warmup-steps", "2", *SHAPE, *QUIET, *extra]
+            "--lr", "3e-3", "--warmup-steps", "2", *SHAPE, *QUIET, *CPU, *extra]
 
 
 def dpo_args(files, out, sft_ckpt, *extra):
     return ["--data", files["pairs_train"], "--val-data", files["pairs_val"],
             "--out-dir", str(out), "--sft-ckpt", str(sft_ckpt), "--lr", "1e-3",
-            "--warmup-steps", "2", *QUIET, *extra]
+            "--warmup-steps", "2", *QUIET, *CPU, *extra]
 
 
 def torchrun(script, args, timeout=300):

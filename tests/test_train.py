@@ -210,3 +210,21 @@ def test_sft_logs_the_token_mean_nll_of_its_batch(files, tmp_path, enc):
     with open(tmp_path / "sft/metrics.jsonl") as f:
         logged = json.loads(f.readline())
     assert n > 0 and logged["loss"] == pytest.approx(nll / n, rel=1e-5)
+
+
+def test_float16_training_follows_float32(files, sft_ckpt, tmp_path):
+    """With the GradScaler (scale, unscale before clipping, step) float16 trains like
+    float32: the two runs end far closer to each other than to where they started (L2
+    over all weights). Clipping the still-scaled gradients would take float16 elsewhere."""
+    common = ["--steps", "4", "--batch-size", "4", "--grad-clip", "1"]
+    train_dpo.main(dpo_args(files, tmp_path / "fp32", sft_ckpt, *common))
+    train_dpo.main(dpo_args(files, tmp_path / "fp16", sft_ckpt, *common, "--dtype", "float16"))
+    fp32, fp16 = weights(tmp_path / "fp32/dpo.pt"), weights(tmp_path / "fp16/dpo.pt")
+    assert load_checkpoint(str(tmp_path / "fp16/dpo.pt"))["train_state"]["scaler"]["scale"] > 0
+    start = weights(sft_ckpt)
+
+    def distance(a, b):  # over all weights
+        return sum(((a[k] - b[k]) ** 2).sum().item() for k in a) ** 0.5
+
+    # measured: 0.003 of the way; with the gradients clipped while still scaled, 0.63
+    assert distance(fp16, fp32) < 0.1 * distance(fp32, start)

@@ -1,0 +1,157 @@
+"""The CUDA-only logic, tested on the CPU: the device each process takes (every case of
+--device, torchrun, local rank and visible GPUs), the RNG state a checkpoint keeps, the
+reference cache's key, BCO's shift on skipped steps, the chunked head under
+torch.compile, generation without a host sync per token, DDP's buffers. tests/gpu/ runs
+the same paths on a real GPU when there is one."""
+
+import math
+
+import pytest
+import torch
+
+import train_dpo
+import training
+from conftest import dpo_args
+from errors import UserError
+from model import ModelConfig, Transformer
+
+
+@pytest.mark.parametrize("requested, torchrun, local_rank, local_world, gpus, expected", [
+    ("auto", False, 0, 1, 0, "cpu"),
+    ("auto", False, 0, 1, 1, "cuda:0"),  # python train_sft.py on a GPU box: the GPU
+    ("cuda", False, 0, 1, 1, "cuda:0"),  # used to crash: set_device("cuda") has no index
+    ("cuda:1", False, 0, 1, 2, "cuda:1"),
+    ("cpu", False, 0, 1, 8, "cpu"),
+    ("auto", True, 1, 2, 2, "cuda:1"),  # torchrun: one GPU per process, by LOCAL_RANK
+    ("cuda", True, 3, 4, 4, "cuda:3"),
+    ("cpu", True, 1, 2, 2, "cpu"),
+    ("auto", True, 1, 2, 0, "cpu"),
+    ("cuda:0", True, 0, 1, 1, "cuda:0"),  # one process a node (two nodes): its own pick
+    ("auto", True, 1, 2, 1, "more processes than GPUs"),
+    ("cuda", True, 0, 2, 1, None),  # rank 0 of 2 on a 1-GPU box would get it; rank 1 not
+    ("cuda:0", True, 0, 2, 2, "each of the 2 processes"),
+    ("cuda", False, 0, 1, 0, "no CUDA GPU is visible"),
+    ("cuda:2", False, 0, 1, 2, r"but 2 GPU\(s\) are visible"),
+    ("gpu", False, 0, 1, 1, "use auto, cpu, cuda or cuda:N"),
+])
+def test_choose_device_covers_every_case(requested, torchrun, local_rank, local_world, gpus,
+                                         expected):
+    if expected is None:
+        assert training.choose_device(requested, torchrun, local_rank, local_world, gpus) == \
+            "cuda:0"
+        with pytest.raises(UserError, match="use --nproc_per_node 1"):
+            training.choose_device(requested, torchrun, 1, local_world, gpus)
+    elif expected.startswith(("cpu", "cuda:")):
+        assert training.choose_device(requested, torchrun, local_rank, local_world,
+                                      gpus) == expected
+    else:
+        words = "use --nproc_per_node 1" if expected.startswith("more") else expected
+        with pytest.raises(UserError, match=words):
+            training.choose_device(requested, torchrun, local_rank, local_world, gpus)
+
+
+def test_the_rng_state_is_this_processs_gpu_only(monkeypatch):
+    """A checkpoint keeps the state of the process's own GPU, and a resumed process puts
+    it back on its own GPU: not every visible GPU's (another machine may have fewer)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device: calls.append(("get", device)) or torch.zeros(8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: calls.append(("set", device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("all GPUs"))
+    gpu = torch.device("cuda:1")
+    state = training.rng_state(gpu)
+    training.set_rng_state(state, gpu)
+    assert calls == [("get", gpu), ("set", gpu)]
+    cpu_state = training.rng_state(torch.device("cpu"))
+    assert "cuda" not in cpu_state
+    training.set_rng_state(state, torch.device("cpu"))  # a GPU checkpoint resumed on CPU
+    assert len(calls) == 2
+
+
+def test_the_reference_cache_key_has_the_device_type(files, sft_ckpt):
+    args = train_dpo.parse_args(dpo_args(files, "unused", sft_ckpt, "--precompute-ref"))
+    run = {"sft_ckpt_sha256": "a", "data_sha256": "b", "tokenizer_sha256": "c"}
+    config = ModelConfig()
+    keys = {t: train_dpo.reference_cache_key(args, run, config, True, t)
+            for t in ("cpu", "cuda")}
+    assert keys["cpu"] != keys["cuda"] and len(keys["cpu"]) == 16
+    assert keys["cpu"] == train_dpo.reference_cache_key(args, run, config, True, "cpu")
+
+
+def test_bco_delta_ignores_a_skipped_float16_step(files, sft_ckpt, tmp_path, monkeypatch):
+    """A float16 step whose rewards are NaN is skipped by the GradScaler; BCO's running
+    shift must not take its NaN, or every later loss is NaN."""
+    calls = []
+    real = train_dpo.dpo_loss
+
+    def nan_at_the_second_step(*args, **kwargs):
+        calls.append(1)
+        losses, chosen, rejected = real(*args, **kwargs)
+        if len(calls) == 2:
+            return losses * math.nan, chosen * math.nan, rejected * math.nan
+        return losses, chosen, rejected
+
+    monkeypatch.setattr(train_dpo, "dpo_loss", nan_at_the_second_step)
+    train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "5", "--batch-size", "4",
+                            "--loss", "bco_pair", "--dtype", "float16", "--log-every", "1",
+                            "--val-data", ""))
+    from model import load_checkpoint
+    ckpt = load_checkpoint(str(tmp_path / "dpo.pt"))
+    assert math.isfinite(ckpt["train_state"]["dpo"]["bco_delta"])
+    import json
+    with open(tmp_path / "dpo/metrics.jsonl") as f:
+        log = [json.loads(line) for line in f]
+    assert not math.isfinite(log[1]["loss"]) and log[-1]["skipped_steps"] >= 1
+    assert all(math.isfinite(r["loss"]) for r in log[2:])  # it goes on
+
+
+def test_the_chunked_head_does_not_recompile_for_every_length():
+    """Under torch.compile (dynamic shapes) the chunked head's Python chunk loop used to
+    specialise on N, the number of response tokens: a new graph per length (9 for 10
+    lengths), then silently eager. It now runs eagerly outside the graph."""
+    from torch._dynamo.utils import counters
+
+    from loss import response_logps
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                                    max_seq_len=64))
+    compiled = torch.compile(model, dynamic=True, backend="eager")
+    for n in range(5, 15):
+        ids = torch.randint(0, 50, (2, 20))
+        mask = torch.zeros(2, 20, dtype=torch.long)
+        mask[:, 20 - n:] = 1
+        logps, _ = response_logps(compiled, ids, mask, chunked_head=True)
+        logps.sum().backward()
+    assert counters["stats"]["unique_graphs"] <= 2
+    torch._dynamo.reset()
+
+
+def test_generation_syncs_with_the_host_once_in_16_tokens(monkeypatch):
+    """No `if done[b]` or int(next_id[b]) per token: the new ids stay on the device and
+    come back in one copy; whether every row is done is looked at every 16 tokens."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                                    max_seq_len=128)).eval()
+    ids = torch.randint(0, 50, (4, 5))
+    expected = model.generate(ids, 64, temperature=0, stop_id=7)
+    syncs = []
+    for name in ("__bool__", "item", "tolist", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name:
+                            syncs.append(_name) or _real(self, *a))
+    assert model.generate(ids, 64, temperature=0, stop_id=7) == expected
+    assert len(syncs) <= 64 // 16 + 1, syncs
+    monkeypatch.undo()
+    for row in expected:  # the rows stop at stop_id, included
+        assert 7 not in row[:-1]
+
+
+def test_ddp_does_not_resend_the_rope_tables(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(training, "DDP", lambda model, **kwargs: seen.update(kwargs) or model)
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, n_kv_heads=2))
+    training.wrap_model(model, False, training.Dist(0, 0, 2, torch.device("cpu")))
+    assert seen == {"device_ids": None, "broadcast_buffers": False}
