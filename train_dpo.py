@@ -254,9 +254,9 @@ def main(argv=None):
         # BCO: delta = running mean of the rewards of the steps so far; this step used the
         # delta of the steps before it (TRL's older code also counted the current batch and
         # evaluation batches; TRL 1.16 has no delta at all)
-        mean_reward = (record["rewards/chosen"] + record["rewards/rejected"]) / 2
-        if args.loss == "bco_pair" and not skipped and math.isfinite(mean_reward):
-            bco_delta += (mean_reward - bco_delta) / done  # a skipped step leaves it as is
+        if args.loss == "bco_pair" and not skipped:  # a skipped step leaves it as it is
+            mean_reward = (record["rewards/chosen"] + record["rewards/rejected"]) / 2
+            bco_delta += (mean_reward - bco_delta) / done
         if args.sync_ref_every and done % args.sync_ref_every == 0:  # TR-DPO, soft update
             with torch.no_grad():
                 for r, p in zip(reference.parameters(), raw_model.parameters()):
