@@ -55,7 +55,6 @@ import tokenizer
 import train_dpo
 import training
 from errors import ArgumentParser, UserError, run_main
-from training import peak_gpu_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MINIMIND_TOKENIZER = os.path.join(HERE, "tests", "fixtures", "minimind", "tokenizer.json")
@@ -219,7 +218,8 @@ def naive_main(argv):
         torch.cuda.synchronize()
     elapsed = time.time() - t0
     print(f"done: {args.steps} steps in {elapsed:.1f}s; "
-          f"{args.steps * args.batch_size / elapsed:.2f} pairs/s" + peak_gpu_memory(device))
+          f"{args.steps * args.batch_size / elapsed:.2f} pairs/s"
+          + training.peak_gpu_memory(device))
 
 
 def log_probs_of(logits, labels):
