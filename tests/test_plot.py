@@ -1,0 +1,110 @@
+"""tools/plot.py on tiny hand-made metrics and evaluation files: the PNGs are written and
+their panels hold what they should (read back through matplotlib's objects); without
+matplotlib, one line says what to install."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from errors import UserError
+
+pytest.importorskip("matplotlib", reason="tools/plot.py's figures need matplotlib "
+                    "(pip install matplotlib; .ci/run installs it)")
+from tools import plot  # noqa: E402  (after the skip)
+
+
+def write_run(folder, stage, records):
+    os.makedirs(folder / stage, exist_ok=True)
+    with open(folder / stage / "metrics.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(folder)
+
+
+def dpo_records(scale):
+    records = []
+    for step in (10, 20, 30):
+        r = {"step": step, "loss": 0.69 - 0.01 * step * scale, "rewards/accuracies": 0.5,
+             "rewards/margins": 0.1 * step, "rewards/chosen": 0.05 * step,
+             "rewards/rejected": -0.05 * step, "logps/chosen": -20.0 - step * scale,
+             "logps/rejected": -25.0 - 2 * step * scale}
+        if step == 30:
+            r.update({f"val/{k}": v for k, v in list(r.items()) if k != "step"})
+        records.append(r)
+    return records
+
+
+def report(path, results):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"args": {}, "results": results}, f)
+    return str(path)
+
+
+def scores(score, kl, skill_score):
+    r = {f"sampled T=1/score/{s}": skill_score for s in plot.SKILLS}
+    r.update({"sampled T=1/score": score, "sampled T=1/kl_vs_ref": kl,
+              "sampled T=1/kl_stderr": 0.01 if kl else 0.0})
+    return r
+
+
+def test_dpo_curves_overlay_the_runs_train_and_held_out(tmp_path):
+    a = write_run(tmp_path / "a", "dpo", dpo_records(1.0))
+    b = write_run(tmp_path / "b", "dpo", dpo_records(3.0))
+    fig = plot.dpo_figure([a, b], ["beta 2", "beta 0.1"])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [t for _, t, _ in plot.DPO_PANELS]
+    loss = fig.axes[0]
+    assert len(loss.lines) == 4  # 2 runs x (train, held-out)
+    assert list(loss.lines[0].get_xdata()) == [10, 20, 30]
+    assert list(loss.lines[2].get_ydata())[-1] == pytest.approx(0.69 - 0.9)  # run b, step 30
+    assert len(fig.axes[4].lines) == 8  # chosen and rejected, train and held-out, 2 runs
+    assert fig.axes[0].get_xlabel() == "step" and fig.axes[4].get_ylabel() == "nats, summed"
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == [
+        "beta 2, train", "beta 2, held-out", "beta 0.1, train", "beta 0.1, held-out"]
+    out = tmp_path / "dpo.png"
+    result = subprocess.run([sys.executable, "-m", "tools.plot", "dpo", a, b, "--labels",
+                             "beta 2", "beta 0.1", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_sft_frontier_and_skills(tmp_path):
+    sft = write_run(tmp_path / "s", "sft", [{"step": 10, "loss": 3.0}, {"step": 20,
+                    "loss": 1.0, "val/loss": 1.2}])
+    fig = plot.sft_figure(sft)
+    assert [len(line.get_xdata()) for line in fig.axes[0].lines] == [2, 1]
+    results = report(tmp_path / "r.json", {"out/sft.pt": scores(0.48, 0.0, 0.4),
+                                           "out/sweep/ipo/dpo.pt": scores(0.69, 2.8, 0.7),
+                                           "out/sweep/robust/dpo.pt": scores(0.21, 212, 0.2)})
+    fig = plot.frontier_figure([results])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["SFT (reference)", "ipo", "robust"]
+    assert ax.get_xscale() == "symlog" and "nats" in ax.get_xlabel()
+    fig = plot.skills_figure(results)
+    bars = fig.axes[0].patches
+    assert len(bars) == 3 * len(plot.SKILLS)
+    assert [b.get_height() for b in bars[:6]] == [0.4] * 6
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list(plot.SKILLS)
+    for name in ("sft", "frontier", "skills"):
+        out = tmp_path / f"{name}.png"
+        result = subprocess.run([sys.executable, "-m", "tools.plot", name,
+                                 sft if name == "sft" else results, "--out", str(out)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and out.stat().st_size > 5_000, result.stderr
+
+
+def test_without_matplotlib_one_line_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    with pytest.raises(UserError, match="pip install matplotlib"):
+        plot.pyplot()
+    code = ("import sys; sys.modules['matplotlib'] = None; import errors; "
+            "from tools import plot; errors.run_main(plot.main, ['sft', 'x', '--out', 'y'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == ("error: the figures need matplotlib, an optional extra: pip "
+                             "install matplotlib\n")

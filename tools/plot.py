@@ -1,0 +1,166 @@
+"""Figures from the files the pipeline writes: a DPO run's curves (several runs overlaid),
+an SFT run's losses, the reward-KL frontier and the per-skill judge scores.
+
+    python -m tools.plot dpo out/beta2 out/beta01 --labels "beta 2" "beta 0.1" --out dpo.png
+    python -m tools.plot sft out --out sft.png
+    python -m tools.plot frontier out/sweep/results.json [more.json] --out frontier.png
+    python -m tools.plot skills out/eval_default.json --out skills.png
+
+A run folder is a train_*.py --out-dir (it reads dpo/metrics.jsonl or sft/metrics.jsonl);
+the JSON files are evaluate.py's --json (sweep.py writes one as results.json). matplotlib
+is an optional extra (pip install matplotlib); nothing else in minidpo imports it. Each
+figure function returns the matplotlib Figure (the tests read its panels back).
+"""
+
+import json
+import os
+
+from errors import ArgumentParser, UserError, run_main
+
+SAMPLED = "sampled T=1/"
+SKILLS = ("arithmetic", "facts", "words", "harmful", "benign", "tone")
+# (metric, panel title, y label): a DPO run's panels, train (solid) and held-out (dashed)
+DPO_PANELS = [("loss", "loss", "nats"), ("rewards/accuracies", "reward accuracy", "share"),
+              ("rewards/margins", "reward margin", "β·h, nats"),
+              ("rewards/chosen", "reward of chosen (solid) / rejected (dotted)", "nats"),
+              ("logps/chosen", "log π of chosen (solid) / rejected (dotted)", "nats, summed")]
+
+
+def pyplot():
+    """matplotlib.pyplot with a file backend, or a one-line error saying what to install."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("the figures need matplotlib, an optional extra: pip install "
+                        "matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_metrics(run_dir, stage):
+    path = os.path.join(run_dir, stage, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file (is {run_dir} a train_{stage}.py --out-dir?)")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_results(path):
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    if "results" not in report:
+        raise UserError(f"{path}: not an evaluate.py --json report (no 'results')")
+    return report["results"]
+
+
+def series(records, key):
+    """(steps, values) of the records that have key."""
+    kept = [r for r in records if key in r]
+    return [r["step"] for r in kept], [r[key] for r in kept]
+
+
+def dpo_figure(run_dirs, labels):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(DPO_PANELS), figsize=(4 * len(DPO_PANELS), 3.4))
+    for run_dir, label, color in zip(run_dirs, labels, plt.rcParams["axes.prop_cycle"]
+                                     .by_key()["color"]):
+        records = read_metrics(run_dir, "dpo")
+        for ax, (key, title, unit) in zip(axes, DPO_PANELS):
+            pairs = [(key, "-")]
+            if key.endswith("/chosen"):
+                pairs.append((key.replace("chosen", "rejected"), ":"))
+            for k, style in pairs:
+                ax.plot(*series(records, k), style, color=color, label=f"{label}, train"
+                        if style == "-" else None)
+                steps, values = series(records, "val/" + k)
+                if steps:
+                    ax.plot(steps, values, "--" if style == "-" else "-.", marker="o", ms=3,
+                            color=color, label=f"{label}, held-out" if style == "-" else None)
+            ax.set(title=title, xlabel="step", ylabel=unit)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("DPO training curves (held-out pairs: markers)")
+    fig.tight_layout()
+    return fig
+
+
+def sft_figure(run_dir):
+    plt = pyplot()
+    records = read_metrics(run_dir, "sft")
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(*series(records, "loss"), label="train")
+    ax.plot(*series(records, "val/loss"), "o--", label="held-out")
+    ax.set(title="SFT: token-mean NLL of the assistant tokens", xlabel="step",
+           ylabel="nats per token", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def frontier_figure(results_paths):
+    """Sampled judge score against KL from the reference (the first checkpoint of each
+    report, SFT in sweep.py's; reports of the same reference may be merged), one point
+    per checkpoint: the DPO paper's Figure 2 with TinyChat's judge as the true reward."""
+    plt = pyplot()
+    results = {}
+    for path in results_paths:
+        results.update(read_results(path))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for path, r in results.items():
+        name = os.path.basename(os.path.dirname(path)) or os.path.basename(path)
+        is_ref = r.get(SAMPLED + "kl_vs_ref", 0.0) == 0.0
+        ax.errorbar(r.get(SAMPLED + "kl_vs_ref", 0.0), r[SAMPLED + "score"],
+                    xerr=r.get(SAMPLED + "kl_stderr", 0.0), fmt="*" if is_ref else "o",
+                    ms=12 if is_ref else 6, color="black" if is_ref else None)
+        ax.annotate("SFT (reference)" if is_ref else name, (r.get(SAMPLED + "kl_vs_ref", 0.0),
+                    r[SAMPLED + "score"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set(title="Reward against KL: judge score vs KL(π ‖ π_ref)", xscale="symlog",
+           xlabel="KL from the reference on the policy's samples, nats (symlog)",
+           ylabel="mean judge score, sampled at T = 1")
+    fig.tight_layout()
+    return fig
+
+
+def skills_figure(results_path):
+    plt = pyplot()
+    results = read_results(results_path)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(results)
+    for i, (path, r) in enumerate(results.items()):
+        values = [r.get(f"{SAMPLED}score/{skill}", float("nan")) for skill in SKILLS]
+        ax.bar([k + i * width for k in range(len(SKILLS))], values, width,
+               label=os.path.basename(path))
+    ax.set_xticks([k + width * (len(results) - 1) / 2 for k in range(len(SKILLS))], SKILLS)
+    ax.set(title="Judge score by skill (sampled at T = 1)", ylabel="mean judge score",
+           ylim=(0, 1))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("figure", choices=["dpo", "sft", "frontier", "skills"],
+                        help="which figure")
+    parser.add_argument("inputs", nargs="+", help="run folders (dpo, sft) or an evaluate.py "
+                        "--json file (frontier, skills)")
+    parser.add_argument("--labels", nargs="+", default=None, help="dpo: one per run folder")
+    parser.add_argument("--out", required=True, help="the .png (or .svg) to write")
+    args = parser.parse_args(argv)
+    if args.figure == "dpo":
+        labels = args.labels or [os.path.basename(os.path.normpath(d)) for d in args.inputs]
+        if len(labels) != len(args.inputs):
+            parser.error("--labels needs one label per run folder")
+        fig = dpo_figure(args.inputs, labels)
+    elif args.figure == "frontier":
+        fig = frontier_figure(args.inputs)
+    else:
+        fig = {"sft": sft_figure, "skills": skills_figure}[args.figure](args.inputs[0])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    fig.savefig(args.out, dpi=80)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)
