@@ -130,13 +130,21 @@ def skills_figure(results_path):
     for i, (path, r) in enumerate(results.items()):
         values = [r.get(f"{SAMPLED}score/{skill}", float("nan")) for skill in SKILLS]
         ax.bar([k + i * width for k in range(len(SKILLS))], values, width,
-               label=os.path.basename(path))
+               label=short_name(path, results))
     ax.set_xticks([k + width * (len(results) - 1) / 2 for k in range(len(SKILLS))], SKILLS)
     ax.set(title="Judge score by skill (sampled at T = 1)", ylabel="mean judge score",
            ylim=(0, 1))
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def short_name(path, others):
+    """A checkpoint's file name, with its folder when another has the same file name."""
+    name = os.path.basename(path)
+    if sum(os.path.basename(p) == name for p in others) > 1:
+        return os.path.join(os.path.basename(os.path.dirname(path)), name)
+    return name
 
 
 def main(argv=None):
