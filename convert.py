@@ -132,8 +132,9 @@ def from_minimind(state, n_heads=None, experts_per_token=1):
         raise UserError(f"MiniMind state_dict keys that minidpo does not map: {unmapped}")
     ours["output.weight"] = ours["tok_embeddings.weight"]  # tied
     model = Transformer(config)
-    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(model.state_dict()[k].shape)})"
-             for k, v in ours.items() if v.shape != model.state_dict()[k].shape]
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k])})"
+             for k, v in ours.items() if v.shape != expected[k]]
     if wrong:
         raise UserError(f"MiniMind weights do not fit the shape read off them (wrong "
                         f"--n-heads?): {', '.join(wrong[:3])}")

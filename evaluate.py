@@ -26,9 +26,9 @@ import data
 import tasks
 import tokenizer
 import training
-from errors import ArgumentParser, UserError, run_main
+from errors import ArgumentParser, run_main
 from loss import PAPER_BETA, TINYCHAT_BETA, choose_beta, concatenated_logps, response_logps
-from sample import eval_prompts, fit_for_generation, load_model
+from sample import cut_note, eval_prompts, fit_for_generation, load_model
 
 SKILLS = tasks.SKILLS
 
@@ -47,9 +47,7 @@ def generate_all(model, enc, rows, n_samples, temperature, max_new_tokens, seed,
     prompts = [ids for ids, _ in fitted]
     n_cut = sum(cut for _, cut in fitted)
     if n_cut:
-        print(f"note: {n_cut} of {len(rows)} prompts are longer than the model's context "
-              f"allows (max_seq_len {model.config.max_seq_len}, {max_new_tokens} new tokens) "
-              "and were cut to fit, oldest turns first")
+        print(cut_note(model.config.max_seq_len, max_new_tokens, f"{n_cut} of {len(rows)}"))
     by_length = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
@@ -231,10 +229,8 @@ def main():
     if args.pairs:
         args.beta, why = choose_beta(args.beta, data.is_tinychat(args.pairs))
         print(f"beta {args.beta} ({why})")
-        context = min(m.config.max_seq_len for m in [reference, *models.values()])
-        if args.max_len > context:
-            raise UserError(f"--max-len {args.max_len} is longer than the model's context "
-                            f"(max_seq_len {context})")
+        for model in [reference, *models.values()]:
+            training.check_max_len(args.max_len, model.config)
         dataset = data.PreferenceDataset(args.pairs, enc, args.max_len, args.max_prompt_len)
         records = [r for r, _ in data.read_records(args.pairs)]
         groups = None  # TinyChat's pairs name their flaw: split the shifts by it

@@ -30,6 +30,12 @@ def fit_for_generation(chat, messages, max_seq_len, max_new_tokens):
     return data.fit_prompt(chat, messages, room), True
 
 
+def cut_note(max_seq_len, max_new_tokens, how_many="prompts"):
+    """The note that says prompts were cut by fit_for_generation."""
+    return (f"note: {how_many} longer than the model's context allows (max_seq_len "
+            f"{max_seq_len}, {max_new_tokens} new tokens) are cut to fit, oldest turns first")
+
+
 class SayOnce:
     """log(message) the first time it is called, then nothing: one note per run."""
 
@@ -49,9 +55,7 @@ def reply(model, enc, messages, max_new_tokens=96, temperature=0.0, top_k=None, 
     chat = data.Chat(enc)
     ids, cut = fit_for_generation(chat, messages, model.config.max_seq_len, max_new_tokens)
     if cut:
-        note(f"note: prompts longer than the model's context allows (max_seq_len "
-             f"{model.config.max_seq_len}, {max_new_tokens} new tokens) are cut to fit, "
-             "oldest turns first")
+        note(cut_note(model.config.max_seq_len, max_new_tokens))
     prompt = torch.tensor([ids] * num_samples, device=device)  # (N, T)
     outs = model.generate(prompt, max_new_tokens, temperature, top_k, top_p,
                           stop_id=chat.im_end, generator=generator)

@@ -97,7 +97,9 @@ def test_a_bad_record_under_torchrun_is_one_line_per_rank(files, sft_ckpt, bad_p
                                      "--standalone", "--nproc_per_node=2"))
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert ours == [f"error: {bad_pairs}:1: missing key 'rejected'"] * 2, result.stderr
+    # one line per rank that got there: torchrun may stop a slower rank (SIGTERM) first
+    assert ours in ([f"error: {bad_pairs}:1: missing key 'rejected'"] * n for n in (1, 2)), \
+        result.stderr
     assert 'train_dpo.py", line' not in result.stderr  # no frame of ours: torchrun's own only
 
 
