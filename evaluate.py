@@ -66,6 +66,14 @@ def generate_all(model, enc, rows, n_samples, temperature, max_new_tokens, seed,
     return prompts, out
 
 
+def judge_answers(model, enc, rows, n_samples, temperature, max_new_tokens, seed, device,
+                  desc="generating"):
+    """generate_all, then the judge: (prompts, answers, scored), scored as score_answers'."""
+    prompts, answers = generate_all(model, enc, rows, n_samples, temperature, max_new_tokens,
+                                    seed, device, desc=desc)
+    return prompts, answers, score_answers(enc, rows, answers, data.Chat(enc).im_end)
+
+
 def score_answers(enc, rows, answers, im_end):
     """Judge every answer; returns a list per prompt of (score dict, n_tokens)."""
     scored = []
@@ -250,17 +258,15 @@ def main():
         rows = eval_prompts(args.prompts)
         if args.limit:
             rows = rows[::math.ceil(len(rows) / args.limit)]
-        chat = data.Chat(enc)
         modes = [("greedy", 1, 0.0)]
         if args.samples:
             modes.append((f"sampled T={args.temperature:g}", args.samples, args.temperature))
         scored, samples = {}, {}
         for path, model in models.items():
             for mode, n, temperature in modes:
-                prompts, answers = generate_all(model, enc, rows, n, temperature,
-                                                args.max_new_tokens, args.seed, args.device,
-                                                desc=f"{os.path.basename(path)} {mode}")
-                scored[path, mode] = score_answers(enc, rows, answers, chat.im_end)
+                prompts, answers, scored[path, mode] = judge_answers(
+                    model, enc, rows, n, temperature, args.max_new_tokens, args.seed,
+                    args.device, desc=f"{os.path.basename(path)} {mode}")
                 samples[path, mode] = (prompts, answers)
                 for k, v in summarize(rows, scored[path, mode]).items():
                     results[path][f"{mode}/{k}"] = v

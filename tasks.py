@@ -537,6 +537,21 @@ def make_pairs(n, rng, held_out):
     return rows
 
 
+def make_prompts(n, rng, held_out):
+    """n fresh prompts with their judge metadata, skills in SKILL_MIX's proportions, none
+    asking a held-out question (tools/iterate.py samples the policy's answers to them)."""
+    rows = []
+    for skill in skill_sequence(n, rng):
+        messages, meta = make_prompt(skill, rng, held_out)
+        rows.append({"messages": messages, "meta": meta})
+    return rows
+
+
+def user_texts(rows, key="messages"):
+    """Every user message of a list of records: what a held-out set must not share."""
+    return frozenset(t for row in rows for t in _user_texts(row[key]))
+
+
 def make_eval(per_skill, rng):
     """Held-out prompts: per skill, `per_skill` prompts whose last user message is unique."""
     rows, seen = [], set()
@@ -564,7 +579,7 @@ def generate(out_dir, seed=SEED, vocab_size=VOCAB_SIZE, verbose=True):
     os.makedirs(out_dir, exist_ok=True)
     rng = random.Random(seed)
     eval_rows = make_eval(SIZES["eval_per_skill"], rng)
-    held_out = frozenset(t for row in eval_rows for t in _user_texts(row["messages"]))
+    held_out = user_texts(eval_rows)
     files = {
         "eval_prompts.jsonl": eval_rows,
         "sft_train.jsonl": make_sft(SIZES["sft_train"], rng, held_out),

@@ -65,6 +65,9 @@ def parse_args(argv=None):
                         "OUT_DIR/sft.pt, trained first, as train_sft.py would, when it is "
                         "missing and the data is TinyChat's; '' = a fresh model shaped by "
                         "--preset/--dim/..., for timing runs)")
+    parser.add_argument("--ref-ckpt", default=None,
+                        help="the reference, if not the --sft-ckpt the policy starts from "
+                        "(e.g. tools/iterate.py: a later round's policy against the SFT model)")
     parser.add_argument("--sft-flags", default="",
                         help="train_sft.py flags for that first SFT stage, e.g. '--steps 100'")
     parser.add_argument("--beta", type=float, default=None,
@@ -116,6 +119,9 @@ def parse_args(argv=None):
         parser.error("--sync-ref-every moves the reference during training: it needs a "
                      "reference model, so not --precompute-ref (reference log-probs computed "
                      f"once), --reference-free or --loss {'/'.join(REFERENCE_FREE_LOSSES)}")
+    if args.ref_ckpt and (args.reference_free or args.loss in REFERENCE_FREE_LOSSES):
+        parser.error(f"--ref-ckpt names a reference, but --reference-free and --loss "
+                     f"{'/'.join(REFERENCE_FREE_LOSSES)} use none")
     if not 0 < args.sync_ref_alpha <= 1:
         parser.error("--sync-ref-alpha must be in (0, 1]")
     if not 0 <= args.label_smoothing < 0.5:
@@ -170,7 +176,7 @@ def main(argv=None):
     model.to(device)
     reference = None
     if not args.reference_free and args.loss not in REFERENCE_FREE_LOSSES:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)  # never wrapped in DDP
+        reference = reference_model(args, model, tokenizer_id, device)  # never in DDP
     run = training.run_identity(args, RUN_KEYS, dist_info.world_size, model.config)
     resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
     training.check_max_len(args.max_len, model.config)
@@ -337,6 +343,21 @@ def policy_from_sft(args, vocab_size, tokenizer_id):
     return model_from_checkpoint(sft, args.sft_ckpt)
 
 
+def reference_model(args, policy, tokenizer_id, device):
+    """The frozen reference: a copy of the policy at step 0 (the SFT model), or the
+    --ref-ckpt model; no dropout, no gradients."""
+    if not args.ref_ckpt:
+        return copy.deepcopy(policy).eval().requires_grad_(False)
+    ckpt = load_checkpoint(args.ref_ckpt)
+    check_tokenizer(ckpt, tokenizer_id, args.ref_ckpt)
+    ckpt["config"]["dropout"] = 0.0
+    reference = model_from_checkpoint(ckpt, args.ref_ckpt).to(device)
+    if reference.config != policy.config:
+        raise UserError(f"--ref-ckpt {args.ref_ckpt}: its model shape differs from the policy's "
+                        f"({reference.config} vs {policy.config})")
+    return reference.eval().requires_grad_(False)
+
+
 def sft_stage_first(args, log):
     """No SFT checkpoint at the default path: on TinyChat's data, train one now, the same
     code as `train_sft.py --out-dir OUT_DIR` under the same launcher (torchrun or not);
@@ -428,7 +449,8 @@ def reference_cache_key(args, run, config, has_val, device_type):
     seed and shape of a fresh model), data files, tokenisation, dtype and the device type
     (CPU and GPU kernels round differently)."""
     return hashlib.sha256("|".join([
-        run["sft_ckpt_sha256"] if args.sft_ckpt else f"random-init-seed{args.seed}-{config}",
+        (run.get("ref_ckpt_sha256") or run["sft_ckpt_sha256"]) if args.sft_ckpt
+        else f"random-init-seed{args.seed}-{config}",
         run["data_sha256"], training.file_digest(args.val_data) if has_val else "",
         run["tokenizer_sha256"], str(args.max_len), str(args.max_prompt_len), args.dtype,
         str(args.skip_invalid), device_type]).encode()).hexdigest()[:16]

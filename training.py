@@ -187,7 +187,7 @@ def run_identity(args, keys, world_size, config):
     Flags that do not change the numbers (--eval-every, --quiet, ...) are left out."""
     run = {k: getattr(args, k) for k in keys}
     run.update(world_size=world_size, model=asdict(config))
-    for k in ("data", "sft_ckpt", "tokenizer"):
+    for k in ("data", "sft_ckpt", "ref_ckpt", "tokenizer"):
         path = getattr(args, k, None)
         if path:
             run[f"{k}_sha256"] = file_digest(path)

@@ -179,6 +179,35 @@ def test_trdpo_hard_sync_every_step_keeps_the_loss_at_ln2(files, sft_ckpt, tmp_p
         math.log(2), abs=1e-3)
 
 
+def test_ref_ckpt_is_the_reference(files, sft_ckpt, tmp_path, capsys):
+    """--ref-ckpt P: step 0's rewards are beta (log pi - log pi_P), so swapping policy and
+    reference flips their sign; naming the SFT model itself changes nothing; a precomputed
+    reference of P is cached under its own key."""
+    common = ["--steps", "2", "--batch-size", "4", "--log-every", "1"]
+    train_dpo.main(dpo_args(files, tmp_path / "p", sft_ckpt, *common))
+    moved = tmp_path / "p/dpo.pt"
+    train_dpo.main(dpo_args(files, tmp_path / "a", sft_ckpt, *common, "--ref-ckpt", str(moved)))
+    train_dpo.main(dpo_args(files, tmp_path / "b", moved, *common, "--ref-ckpt", str(sft_ckpt)))
+    a = records(tmp_path / "a/dpo/metrics.jsonl")[0]
+    b = records(tmp_path / "b/dpo/metrics.jsonl")[0]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(a[key]) > 1e-4
+        assert a[key] == pytest.approx(-b[key], rel=1e-4, abs=1e-6)
+    train_dpo.main(dpo_args(files, tmp_path / "c", sft_ckpt, *common, "--ref-ckpt",
+                            str(sft_ckpt)))
+    assert max_diff(weights(tmp_path / "p/dpo.pt"), weights(tmp_path / "c/dpo.pt")) == 0
+    out = tmp_path / "cache"
+    train_dpo.main(dpo_args(files, out, sft_ckpt, *common, "--precompute-ref"))
+    train_dpo.main(dpo_args(files, out, sft_ckpt, *common, "--precompute-ref", "--ref-ckpt",
+                            str(moved)))
+    assert len(list((out / "dpo").glob("ref_logps_*.pt"))) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train_dpo.main(dpo_args(files, out, sft_ckpt, "--ref-ckpt", str(moved),
+                                "--reference-free"))
+    assert exit_.value.code == 2 and "--ref-ckpt names a reference" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad", [["--precompute-ref"], ["--reference-free"],
                                  ["--loss", "simpo"]])
 def test_trdpo_is_refused_without_a_reference_model(files, sft_ckpt, tmp_path, bad, capsys):

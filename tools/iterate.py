@@ -1,0 +1,303 @@
+"""On-policy DPO: sample the policy, judge its answers, pair best against worst, train DPO
+on those pairs, round after round; each round measured on the held-out prompts.
+
+    python -m tools.iterate                                # 3 rounds from out/sft.pt
+    python -m tools.iterate --start out/dpo.pt --out-dir out/offline_then_onpolicy
+    python -m tools.iterate --rounds 4 --k 8 --prompts 1000 --reference sft
+
+Each round r:
+  1. N fresh TinyChat prompts from tasks.py's own generators, seeded by (--seed, r), none
+     asking a held-out question (neither an evaluation prompt nor a pairs_val.jsonl one);
+  2. k answers to each from the current policy (temperature T, KV cache, batched);
+  3. TinyChat's judge scores every answer; a prompt gives one pair, its best answer
+     against its worst, when their scores differ by at least --min-gap (a prompt whose
+     answers all tie, or nearly, gives none; among equal scores the first drawn is taken);
+  4. the pairs, as OUT/round{r}/pairs.jsonl, go to train_dpo.py --data (the same loop and
+     loss as offline DPO) with --sft-ckpt = the current policy and as reference the
+     previous round's policy (--reference previous, the default) or the SFT model
+     (--reference sft);
+  5. the new policy is judged on the held-out prompts as evaluate.py does (sampled, T 1,
+     seed 0): judge score, win rate and KL against the SFT model, answer length, skills.
+A finished round (OUT/round{r}/round.json) is not redone when the script runs again with
+the same settings. OUT/table.md and OUT/results.json (evaluate.py's JSON, for
+`python -m tools.plot frontier`) are written at the end.
+"""
+
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+
+import torch
+
+import data
+import tasks
+import tokenizer
+import training
+from errors import ArgumentParser, UserError, run_main
+from evaluate import answer_logps, judge_answers, kl_estimate, summarize, win_rate
+from loss import TINYCHAT_BETA
+from model import atomic_write
+from sample import eval_prompts, load_model
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLED = "sampled T=1"  # evaluate.py's name for its headline mode
+# The settings that define a round's numbers: a round.json made with others is not reused
+ROUND_KEYS = ("start", "sft_ckpt", "prompts", "k", "temperature", "min_gap", "max_new_tokens",
+              "beta", "reference", "nproc", "train_flags", "seed")
+
+
+def best_against_worst(scores, min_gap):
+    """(best, worst) indices into one prompt's answer scores, or None when no pair is made:
+    fewer than two answers, or best and worst less than min_gap apart (a tie or near-tie).
+    Among equal scores the earliest answer is taken (answers are drawn independently, so
+    their order is random).
+
+    >>> best_against_worst([0.6, 1.0, 0.0, 1.0], 0.2)
+    (1, 2)
+    >>> best_against_worst([0.8, 1.0], 0.6) is None
+    True
+    """
+    if len(scores) < 2:
+        return None
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    worst = min(range(len(scores)), key=lambda i: (scores[i], i))
+    return (best, worst) if scores[best] - scores[worst] >= min_gap - 1e-9 else None
+
+
+def make_pairs(rows, texts, scored, min_gap):
+    """The round's preference records (train_dpo.py's conversational format) and how many
+    prompts gave none."""
+    pairs, ties = [], 0
+    for row, answers, judged in zip(rows, texts, scored):
+        picked = best_against_worst([s["score"] for s, _ in judged], min_gap)
+        if picked is None:
+            ties += 1
+            continue
+        best, worst = picked
+        pairs.append({"prompt": row["messages"],
+                      "chosen": [{"role": "assistant", "content": answers[best]}],
+                      "rejected": [{"role": "assistant", "content": answers[worst]}],
+                      "skill": row["meta"]["skill"],
+                      "scores": [judged[best][0]["score"], judged[worst][0]["score"]]})
+    return pairs, ties
+
+
+def held_out_texts():
+    """The user messages no round may ask: the evaluation prompts' and the held-out pairs'."""
+    pairs_val = [json.loads(line) for line in
+                 open(os.path.join(data.DATA_DIR, "pairs_val.jsonl"), encoding="utf-8")]
+    return tasks.user_texts(eval_prompts()) | tasks.user_texts(pairs_val, key="prompt")
+
+
+def round_prompts(n, seed, r):
+    """Round r's N training prompts: tasks.py's generators with their own seed."""
+    return tasks.make_prompts(n, random.Random(f"tinychat-onpolicy-{seed}-{r}"),
+                              held_out_texts())
+
+
+def write_jsonl(path, rows):
+    """One JSON object a line, written atomically (a killed run leaves no half file)."""
+    payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    atomic_write(path, payload.encode("utf-8"))
+
+
+def sample_round(policy_path, rows, r, args, enc, device):
+    """k judged answers to each prompt from the policy: (texts, scored)."""
+    policy = load_model(policy_path, args.tokenizer, device)
+    _, answers, scored = judge_answers(policy, enc, rows, args.k, args.temperature,
+                                       args.max_new_tokens, args.seed * 1000 + r, device,
+                                       desc="sampling")
+    im_end = data.Chat(enc).im_end
+    texts = [[enc.decode([t for t in a if t != im_end]) for a in outs] for outs in answers]
+    return texts, scored
+
+
+def train_round(pairs_path, policy_path, reference_path, out, args):
+    """train_dpo.py on the round's pairs (under torchrun with --nproc > 1)."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else [sys.executable])
+    cmd = launcher + [os.path.join(HERE, "train_dpo.py"), "--data", pairs_path,
+                      "--sft-ckpt", policy_path, "--out-dir", out, "--beta", str(args.beta),
+                      "--samples", "0", "--device", args.device,
+                      "--tokenizer", args.tokenizer, *shlex.split(args.train_flags)]
+    if reference_path != policy_path:
+        cmd += ["--ref-ckpt", reference_path]
+    code = subprocess.run(cmd, cwd=HERE).returncode
+    if code != 0:
+        raise UserError(f"train_dpo.py failed (exit {code}) on {pairs_path}; its command: "
+                        + " ".join(shlex.quote(c) for c in cmd))
+
+
+class HeldOut:
+    """The held-out evaluation of tools/iterate.py: the SFT model's sampled answers once,
+    then each policy's, judged and compared as evaluate.py does."""
+
+    def __init__(self, sft_path, args, enc, device):
+        self.args, self.enc, self.device = args, enc, device
+        self.rows = eval_prompts()
+        if args.eval_limit:
+            self.rows = self.rows[::-(-len(self.rows) // args.eval_limit)]
+        self.sft = load_model(sft_path, args.tokenizer, device)
+        self.sft_prompts, _, self.sft_scored = self.judge(self.sft, "SFT")
+
+    def judge(self, model, name):
+        return judge_answers(model, self.enc, self.rows, self.args.eval_samples, 1.0,
+                             self.args.max_new_tokens, 0, self.device,
+                             desc=f"evaluating {name}")
+
+    def sft_results(self):
+        return {f"{SAMPLED}/{k}": v for k, v in summarize(self.rows, self.sft_scored).items()}
+
+    def __call__(self, path, name):
+        model = load_model(path, self.args.tokenizer, self.device)
+        prompts, answers, scored = self.judge(model, name)
+        kl, se = kl_estimate(answer_logps(model, prompts, answers, self.device),
+                             answer_logps(self.sft, prompts, answers, self.device))
+        out = {f"{SAMPLED}/{k}": v for k, v in summarize(self.rows, scored).items()}
+        out.update({f"{SAMPLED}/win_rate_vs_first": win_rate(self.sft_scored, scored),
+                    f"{SAMPLED}/kl_vs_ref": kl, f"{SAMPLED}/kl_stderr": se})
+        return out
+
+
+def run_round(r, policy_path, args, enc, device, held_out):
+    """Round r from policy_path: returns its record (also written as round.json)."""
+    out = os.path.join(args.out_dir, f"round{r}")
+    record_path = os.path.join(out, "round.json")
+    settings = {k: getattr(args, k) for k in ROUND_KEYS}
+    if os.path.exists(record_path):
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
+        if record["settings"] == settings:
+            print(f"round {r}: done already ({record_path})")
+            return record
+        raise UserError(f"{record_path} was made with other settings; use another --out-dir "
+                        "or remove it")
+    print(f"round {r}: policy {policy_path}", flush=True)
+    t0 = time.time()
+    rows = round_prompts(args.prompts, args.seed, r)
+    texts, scored = sample_round(policy_path, rows, r, args, enc, device)
+    pairs, ties = make_pairs(rows, texts, scored, args.min_gap)
+    if not pairs:
+        raise UserError(f"round {r}: all {len(rows)} prompts' answers tied: no pairs to train "
+                        "on (more --k, a higher --temperature or a smaller --min-gap)")
+    pairs_path = os.path.join(out, "pairs.jsonl")
+    write_jsonl(pairs_path, pairs)
+    t_sample = time.time() - t0
+    print(f"round {r}: {len(pairs)} pairs from {len(rows)} prompts ({ties} all tied) in "
+          f"{t_sample:.0f} s", flush=True)
+    reference = args.sft_ckpt if args.reference == "sft" else policy_path
+    train_round(pairs_path, policy_path, reference, out, args)
+    t_train = time.time() - t0 - t_sample
+    record = {"round": r, "settings": settings, "policy_in": policy_path,
+              "reference": reference, "ckpt": os.path.join(out, "dpo.pt"),
+              "pairs": len(pairs), "prompts": len(rows), "tied": ties,
+              "sample_score": sum(s["score"] for ss in scored for s, _ in ss)
+              / sum(len(ss) for ss in scored),
+              "sample_s": t_sample, "train_s": t_train}
+    if held_out is not None:
+        t1 = time.time()
+        record["eval"] = held_out(record["ckpt"], f"round {r}")
+        record["eval_s"] = time.time() - t1
+    atomic_write(record_path, json.dumps(record, indent=1).encode("utf-8"))
+    return record
+
+
+def table(records, sft, start):
+    """The markdown table of the rounds (the SFT model, the start, then each round)."""
+    m = SAMPLED + "/"
+    lines = ["| policy | pairs (tied prompts) | sampled judge | win vs SFT | KL from SFT, "
+             "nats | answer length | " + " | ".join(tasks.SKILLS) + " | round wall time |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(tasks.SKILLS) + "---:|"]
+
+    def row(name, pairs, e, wall):
+        win = e.get(m + "win_rate_vs_first")
+        kl = "" if win is None else f"{e[m + 'kl_vs_ref']:.2f} ± {e[m + 'kl_stderr']:.2f}"
+        return (f"| {name} | {pairs} | {e[m + 'score']:.3f} | "
+                f"{'' if win is None else f'{win:.3f}'} | {kl} | "
+                f"{e[m + 'length']:.1f} | "
+                + " | ".join(f"{e[f'{m}score/{s}']:.3f}" for s in tasks.SKILLS)
+                + f" | {wall} |")
+    lines.append(row("SFT", "", sft, ""))
+    if start is not None:
+        lines.append(row("start", "", start, ""))
+    for rec in records:
+        wall = f"{rec['sample_s'] + rec['train_s']:.0f} s"
+        lines.append(row(f"round {rec['round']}", f"{rec['pairs']} ({rec['tied']})",
+                         rec["eval"], wall))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sft-ckpt", default="out/sft.pt",
+                        help="the SFT model: KL and win rate are measured against it")
+    parser.add_argument("--start", default=None,
+                        help="round 1's policy (default: the SFT model; e.g. out/dpo.pt to "
+                        "continue offline DPO on-policy)")
+    parser.add_argument("--out-dir", default="out/onpolicy", help="one folder per round")
+    parser.add_argument("--rounds", type=int, default=3, help="number of rounds")
+    parser.add_argument("--prompts", type=int, default=1500, help="N: new prompts a round")
+    parser.add_argument("--k", type=int, default=4, help="answers sampled per prompt")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--min-gap", type=float, default=0.2,
+                        help="least judge-score gap between best and worst for a pair "
+                        "(the judge's scores are 0, 0.6, 0.8 and 1.0)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer")
+    parser.add_argument("--beta", type=float, default=TINYCHAT_BETA, help="DPO beta")
+    parser.add_argument("--reference", choices=("previous", "sft"), default="previous",
+                        help="each round's DPO reference: the policy the round starts from "
+                        "(its samples' own model) or the SFT model")
+    parser.add_argument("--train-flags", default="",
+                        help="more train_dpo.py flags for every round, e.g. '--epochs 2'")
+    parser.add_argument("--nproc", type=int, default=2, help="train_dpo.py processes")
+    parser.add_argument("--eval-samples", type=int, default=4,
+                        help="sampled answers per held-out prompt (0: no evaluation)")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="evaluate on N evenly spaced held-out prompts (default: all 540)")
+    parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER, help=".tiktoken file")
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompts and samples")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    if args.min_gap <= 0:
+        parser.error("--min-gap must be above 0: a pair's answers must differ in score")
+    for name in ("rounds", "prompts", "k", "nproc"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    args.sft_ckpt = os.path.abspath(args.sft_ckpt)
+    args.start = os.path.abspath(args.start) if args.start else args.sft_ckpt
+    args.out_dir = os.path.abspath(args.out_dir)
+    for path in (args.sft_ckpt, args.start):
+        if not os.path.exists(path):
+            raise UserError(f"no checkpoint at {path}: run python train_sft.py first")
+    device = training.choose_device(args.device, False, 0, 1, torch.cuda.device_count())
+    enc = tokenizer.load_tokenizer(args.tokenizer)
+    held_out = (HeldOut(args.sft_ckpt, args, enc, device) if args.eval_samples else None)
+
+    t0 = time.time()
+    records, policy = [], args.start
+    for r in range(1, args.rounds + 1):
+        records.append(run_round(r, policy, args, enc, device, held_out))
+        policy = records[-1]["ckpt"]
+    print(f"{args.rounds} rounds in {time.time() - t0:.0f} s")
+    if held_out is None:
+        return
+    results = {args.sft_ckpt: held_out.sft_results()}
+    start = None
+    if args.start != args.sft_ckpt:
+        results[args.start] = start = held_out(args.start, "start")
+    results.update({rec["ckpt"]: rec["eval"] for rec in records})
+    text = table(records, results[args.sft_ckpt], start)
+    with open(os.path.join(args.out_dir, "table.md"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"args": vars(args), "results": results}, f, indent=2)
+    print(text)
+    print(f"wrote {args.out_dir}/table.md and results.json")
+
+
+if __name__ == "__main__":
+    run_main(main)
