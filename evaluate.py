@@ -157,13 +157,15 @@ def response_token_logps(model, items, device):
     return rows[:len(items)], rows[len(items):]
 
 
-def likelihood_shift(model, reference, dataset, device, groups=None, batch_size=32):
+def likelihood_shift(model, reference, dataset, device, groups=None, batch_size=32,
+                     examples=None):
     """Where DPO moved the log-probs of held-out pairs ("likelihood displacement", Razin et
     al. 2024, arXiv:2410.08847): per token, log pi - log pi_ref of the chosen answer on
     the prefix it shares with the rejected one and after the first differing token; of
     the rejected answer after it; the policy's probability of the chosen answer's last
     token (<|im_end|>). groups (one name per pair, e.g. TinyChat's flaw types) adds the
-    per-answer summed shifts by group. Returns {name: mean over pairs}."""
+    per-answer summed shifts by group. Returns {name: mean over pairs}. `examples`, a dict
+    {pair index: list}, gets each named pair's tokens and per-token shifts (for a figure)."""
     values = {}
     for s in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]
@@ -183,11 +185,40 @@ def likelihood_shift(model, reference, dataset, device, groups=None, batch_size=
                 if d:
                     values.setdefault(key, []).append(mean(d))
             values.setdefault("p_end/chosen", []).append(math.exp(pol_c[j][-1]))
+            if examples is not None and s + j in examples:
+                examples[s + j] += [{"chosen": chosen, "rejected": rejected, "diverge": k,
+                                     "chosen_shift": d_c, "rejected_shift": d_r}]
             if groups is not None:
                 group = groups[s + j]
                 values.setdefault(f"shift/chosen/sum/{group}", []).append(sum(d_c))
                 values.setdefault(f"shift/rejected/sum/{group}", []).append(sum(d_r))
     return {key: mean(v) for key, v in values.items()}
+
+
+def example_pairs(groups, n):
+    """Indices of n pairs to show token by token: the first pair of each group (TinyChat's
+    flaw types) in order of appearance, then the next ones."""
+    first = {}
+    for i, g in enumerate(groups):
+        first.setdefault(g, i)
+    picked = list(first.values())[:n]
+    return picked + [i for i in range(len(groups)) if i not in picked][:n - len(picked)]
+
+
+def token_texts(enc, ids):
+    """Each token as text (a token that splits a character shows as U+FFFD)."""
+    return [enc.decode_single_token_bytes(t).decode("utf-8", "replace") for t in ids]
+
+
+def token_record(enc, example, record, group):
+    """One pair's per-token shifts with the tokens as text, for the --json file."""
+    prompt = record.get("prompt") if isinstance(record, dict) else None
+    question = (prompt[-1]["content"] if isinstance(prompt, list) and prompt
+                else prompt if isinstance(prompt, str) else "")
+    return {"group": group, "question": question, "diverge": example["diverge"],
+            "chosen": token_texts(enc, example["chosen"]),
+            "rejected": token_texts(enc, example["rejected"]),
+            "chosen_shift": example["chosen_shift"], "rejected_shift": example["rejected_shift"]}
 
 
 def print_table(title, names, results, keys):
@@ -218,6 +249,9 @@ def main():
     parser.add_argument("--beta", type=float, default=None,
                         help="beta of the implicit reward (default: train_dpo.py's for the "
                         f"--pairs file: {TINYCHAT_BETA} on TinyChat, else {PAPER_BETA})")
+    parser.add_argument("--token-shifts", type=int, default=4,
+                        help="--pairs: write the per-token log-prob shifts of this many pairs "
+                        "(one per flaw type on TinyChat) to --json, for tools/plot.py tokens")
     parser.add_argument("--max-len", type=int, default=256, help="pair truncation (tokens)")
     parser.add_argument("--max-prompt-len", type=int, default=128, help="prompt truncation")
     parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER, help=".tiktoken file")
@@ -233,6 +267,7 @@ def main():
     models = {p: load_model(p, args.tokenizer, args.device) for p in args.ckpt}
     reference = models.get(ref_path) or load_model(ref_path, args.tokenizer, args.device)
     results = {p: {} for p in args.ckpt}
+    token_shifts = {}  # --pairs: per-token shifts of a few pairs, for tools/plot.py tokens
 
     if args.pairs:
         args.beta, why = choose_beta(args.beta, data.is_tinychat(args.pairs))
@@ -242,14 +277,19 @@ def main():
         dataset = data.PreferenceDataset(args.pairs, enc, args.max_len, args.max_prompt_len)
         records = [r for r, _ in data.read_records(args.pairs)]
         groups = None  # TinyChat's pairs name their flaw: split the shifts by it
-        if len(records) == len(dataset) and all(isinstance(r, dict) and "flaw" in r
+        aligned = len(records) == len(dataset)  # no record dropped: record i is pair i
+        if aligned and all(isinstance(r, dict) and "flaw" in r
                                                  for r in records):
             groups = [r["flaw"] for r in records]
+        shown = example_pairs(groups or list(range(len(dataset))), args.token_shifts)
         for path, model in models.items():
             acc, margin = pair_accuracy(model, reference, dataset, args.beta, args.device)
             results[path] = {"pairs/accuracy": acc, "pairs/margin": margin}
+            examples = {i: [] for i in shown}
             results[path].update(likelihood_shift(model, reference, dataset, args.device,
-                                                  groups))
+                                                  groups, examples=examples))
+            token_shifts[path] = [token_record(enc, examples[i][0], aligned and records[i],
+                                               groups and groups[i]) for i in shown]
         print_table(f"preference accuracy on {args.pairs} ({len(dataset)} pairs, reference "
                     f"{ref_path}, beta {args.beta}); log-prob shifts from the reference, "
                     "per token (sum: per answer)", args.ckpt, results,
@@ -294,7 +334,9 @@ def main():
                         + f"; KL reference: {ref_path}", args.ckpt, results, keys)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump({"args": vars(args), "results": results,
+                       **({"token_shifts": token_shifts} if token_shifts else {})}, f,
+                      indent=2)
         print(f"\nwrote {args.json}")
 
 

@@ -117,3 +117,26 @@ def test_pair_file_report_measures_where_log_probs_moved(checkpoints, tmp_path, 
         ends.append(log_probs[ids[0, -1]].exp().item())
     assert items[0]["chosen"][-1] == data.Chat(tokenizer.load_tokenizer()).im_end
     assert results[b]["p_end/chosen"] == pytest.approx(sum(ends) / len(ends), rel=1e-5)
+    # --json keeps each checkpoint's per-token shifts of the pairs (one per flaw type), for
+    # tools/plot.py tokens: the tokens as text, the first differing token, and shifts
+    # that sum to the change of the answer's log-prob, computed here by a full forward
+    with open(report) as f:
+        shown = json.load(f)["token_shifts"][b]
+    assert [p["group"] for p in shown] == ["rude", "wrong"]
+    assert [p["question"] for p in shown] == ["Capital of France?", "2+2?"]
+    assert "".join(shown[0]["chosen"]) == "Paris.<|im_end|>"
+    assert "".join(shown[0]["rejected"]) == "Paris, you fool.<|im_end|>"
+    assert "".join(shown[0]["chosen"][:shown[0]["diverge"]]) == "Paris"
+    assert shown[1]["diverge"] == 0
+    reference = evaluate.load_model(a, tokenizer.DEFAULT_TOKENIZER, "cpu")
+    for pair, item in zip(shown, items):
+        for side in ("chosen", "rejected"):
+            ids = torch.tensor([item["prompt"] + item[side]])
+            change = 0.0
+            for m, sign in ((model, 1), (reference, -1)):
+                with torch.no_grad():
+                    log_probs = m(ids[:, :-1]).log_softmax(-1)[0]  # (T-1, V)
+                n = len(item[side])
+                change += sign * log_probs[-n:].gather(-1, ids[0, -n:, None]).sum().item()
+            assert len(pair[f"{side}_shift"]) == len(item[side])
+            assert sum(pair[f"{side}_shift"]) == pytest.approx(change, abs=1e-4)

@@ -97,6 +97,54 @@ def test_sft_frontier_and_skills(tmp_path):
         assert result.returncode == 0 and out.stat().st_size > 5_000, result.stderr
 
 
+def test_frontier_joins_the_on_policy_rounds(tmp_path):
+    rounds = tmp_path / "onpolicy" / "results.json"
+    rounds.parent.mkdir()
+    with open(rounds, "w", encoding="utf-8") as f:  # tools/iterate.py's results.json
+        json.dump({"args": {"rounds": 2}, "results": {
+            "out/sft.pt": scores(0.48, 0.0, 0.4), "out/onpolicy/round1/dpo.pt":
+            scores(0.60, 0.3, 0.6), "out/onpolicy/round2/dpo.pt": scores(0.70, 0.8, 0.7)}}, f)
+    offline = report(tmp_path / "r.json", {"out/sft.pt": scores(0.48, 0.0, 0.4),
+                                           "out/dpo.pt": scores(0.69, 0.5, 0.7)})
+    ax = plot.frontier_figure([offline, str(rounds)]).axes[0]
+    trajectory = [line for line in ax.lines if line.get_label().startswith("on-policy")]
+    assert len(trajectory) == 1
+    assert list(trajectory[0].get_ydata()) == [0.48, 0.60, 0.70]
+    assert list(trajectory[0].get_xdata()) == [0.0, 0.3, 0.8]
+    assert [t.get_text() for t in ax.texts] == ["SFT (reference)", "out", "round1", "round2"]
+
+
+def test_tokens_figure_shows_each_pairs_shifts(tmp_path):
+    pair = {"group": "rude", "question": "Capital of France?", "diverge": 2,
+            "chosen": ["Par", "is", ".", "<|im_end|>"],
+            "rejected": ["Par", "is", ",", " you", " fool", ".", "<|im_end|>"],
+            "chosen_shift": [-0.1, -0.2, 0.3, 0.1],
+            "rejected_shift": [-0.1, -0.2, -2.0, -3.0, -1.0, -0.5, -0.2]}
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"args": {}, "results": {}, "token_shifts": {
+        "out/sft.pt": [pair], "out/dpo.pt": [pair, {**pair, "group": "wrong", "diverge": 0}]}}))
+    fig = plot.tokens_figure(str(path))  # the last checkpoint's: two pairs
+    assert len(fig.axes) == 4
+    chosen, rejected = fig.axes[0], fig.axes[1]
+    assert [b.get_height() for b in chosen.patches if b.get_width() == 0.8] == [
+        -0.1, -0.2, 0.3, 0.1]
+    assert len([b for b in rejected.patches if b.get_width() == 0.8]) == 7
+    assert [t.get_text() for t in rejected.get_xticklabels()][2:5] == [",", " you", " fool"]
+    assert chosen.get_title().startswith("chosen (rude): Capital of France?")
+    assert fig.axes[2].get_title().startswith("chosen (wrong)")
+    assert "nats" in chosen.get_ylabel()
+    assert len(plot.tokens_figure(str(path), "out/sft.pt").axes) == 2
+    with pytest.raises(UserError, match="no shifts for x.pt"):
+        plot.tokens_figure(str(path), "x.pt")
+    out = tmp_path / "tokens.png"
+    result = subprocess.run([sys.executable, "-m", "tools.plot", "tokens", str(path), "--out",
+                             str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and out.stat().st_size > 5_000, result.stderr
+    bare = report(tmp_path / "bare.json", {"out/sft.pt": scores(0.48, 0.0, 0.4)})
+    with pytest.raises(UserError, match="no per-token shifts"):
+        plot.tokens_figure(bare)
+
+
 def test_without_matplotlib_one_line_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
     with pytest.raises(UserError, match="pip install matplotlib"):

@@ -1,10 +1,12 @@
 """Figures from the files the pipeline writes: a DPO run's curves (several runs overlaid),
-an SFT run's losses, the reward-KL frontier and the per-skill judge scores.
+an SFT run's losses, the reward-KL frontier (tools/iterate.py's rounds joined as a
+trajectory), the per-skill judge scores and where the log-probs moved, token by token.
 
     python -m tools.plot dpo out/beta2 out/beta01 --labels "beta 2" "beta 0.1" --out dpo.png
     python -m tools.plot sft out --out sft.png
     python -m tools.plot frontier out/sweep/results.json [more.json] --out frontier.png
     python -m tools.plot skills out/eval_default.json --out skills.png
+    python -m tools.plot tokens out/eval_pairs.json --out tokens.png
 
 A run folder is a train_*.py --out-dir (it reads dpo/metrics.jsonl or sft/metrics.jsonl);
 the JSON files are evaluate.py's --json (sweep.py writes one as results.json). matplotlib
@@ -46,12 +48,16 @@ def read_metrics(run_dir, stage):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def read_results(path):
+def read_report(path):
     with open(path, encoding="utf-8") as f:
         report = json.load(f)
     if "results" not in report:
         raise UserError(f"{path}: not an evaluate.py --json report (no 'results')")
-    return report["results"]
+    return report
+
+
+def read_results(path):
+    return read_report(path)["results"]
 
 
 def series(records, key):
@@ -102,10 +108,17 @@ def frontier_figure(results_paths):
     report, SFT in sweep.py's; reports of the same reference may be merged), one point
     per checkpoint: the DPO paper's Figure 2 with TinyChat's judge as the true reward."""
     plt = pyplot()
-    results = {}
+    results, trajectories = {}, []
     for path in results_paths:
-        results.update(read_results(path))
+        report = read_report(path)
+        results.update(report["results"])
+        if "rounds" in report.get("args", {}):  # tools/iterate.py: its rounds, joined
+            trajectories.append((path, list(report["results"].values())))
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    for path, points in trajectories:
+        ax.plot([r.get(SAMPLED + "kl_vs_ref", 0.0) for r in points],
+                [r[SAMPLED + "score"] for r in points], "-", lw=1, color="grey", zorder=0,
+                label=f"on-policy rounds ({os.path.basename(os.path.dirname(path))})")
     for path, r in results.items():
         name = os.path.basename(os.path.dirname(path)) or os.path.basename(path)
         is_ref = r.get(SAMPLED + "kl_vs_ref", 0.0) == 0.0
@@ -118,6 +131,8 @@ def frontier_figure(results_paths):
     ax.set(title="Reward against KL: judge score vs KL(π ‖ π_ref)", xscale="symlog",
            xlabel="KL from the reference on the policy's samples, nats (symlog)",
            ylabel="mean judge score, sampled at T = 1")
+    if trajectories:
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
 
@@ -139,6 +154,47 @@ def skills_figure(results_path):
     return fig
 
 
+def tokens_figure(results_path, ckpt=None):
+    """Per-token log π − log π_ref along a few held-out pairs (evaluate.py --pairs --json):
+    one row per pair, chosen left and rejected right, the prefix they share shaded."""
+    plt = pyplot()
+    report = read_report(results_path)
+    shifts = report.get("token_shifts")
+    if not shifts:
+        raise UserError(f"{results_path}: no per-token shifts: make it with python evaluate.py "
+                        "--ckpt DPO.pt --ref SFT.pt --pairs PAIRS --json FILE")
+    if ckpt is None:
+        ckpt = list(shifts)[-1]
+    if ckpt not in shifts:
+        raise UserError(f"{results_path}: no shifts for {ckpt}; it has {', '.join(shifts)}")
+    pairs = shifts[ckpt]
+    width = max(len(p[side]) for p in pairs for side in ("chosen", "rejected"))
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(max(8, 0.32 * width * 2), 2.3 * len(pairs)),
+                             squeeze=False)
+    low = min(min(p["chosen_shift"] + p["rejected_shift"]) for p in pairs)
+    high = max(max(p["chosen_shift"] + p["rejected_shift"]) for p in pairs)
+    for row, pair in zip(axes, pairs):
+        for ax, side, color in zip(row, ("chosen", "rejected"), ("tab:green", "tab:red")):
+            values = pair[f"{side}_shift"]
+            ax.bar(range(len(values)), values, color=color)
+            ax.axhline(0, color="black", lw=0.6)
+            if pair["diverge"]:
+                ax.axvspan(-0.5, pair["diverge"] - 0.5, color="grey", alpha=0.2,
+                           label="shared with the other answer")
+            ax.axvline(pair["diverge"] - 0.5, color="black", ls="--", lw=0.8)
+            ax.set_xticks(range(len(values)), [repr(t)[1:-1] for t in pair[side]],
+                          rotation=90, fontsize=7)
+            ax.set(xlim=(-0.5, width - 0.5), ylim=(min(low, -0.5) * 1.1, max(high, 0.5) * 1.1),
+                   ylabel="Δ log p, nats")
+            ax.set_title(f"{side} ({pair['group'] or 'pair'}): {pair['question'][:60]}",
+                         fontsize=8)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"Where the log-probs moved: log π − log π_ref per response token "
+                 f"({short_name(ckpt, shifts)}; dashed: the first differing token)")
+    fig.tight_layout()
+    return fig
+
+
 def short_name(path, others):
     """A checkpoint's file name, with its folder when another has the same file name."""
     name = os.path.basename(path)
@@ -149,10 +205,12 @@ def short_name(path, others):
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("figure", choices=["dpo", "sft", "frontier", "skills"],
+    parser.add_argument("figure", choices=["dpo", "sft", "frontier", "skills", "tokens"],
                         help="which figure")
     parser.add_argument("inputs", nargs="+", help="run folders (dpo, sft) or an evaluate.py "
-                        "--json file (frontier, skills)")
+                        "--json file (frontier, skills, tokens)")
+    parser.add_argument("--ckpt", default=None,
+                        help="tokens: whose shifts (default: the last checkpoint in the file)")
     parser.add_argument("--labels", nargs="+", default=None, help="dpo: one per run folder")
     parser.add_argument("--out", required=True, help="the .png (or .svg) to write")
     args = parser.parse_args(argv)
@@ -163,6 +221,8 @@ def main(argv=None):
         fig = dpo_figure(args.inputs, labels)
     elif args.figure == "frontier":
         fig = frontier_figure(args.inputs)
+    elif args.figure == "tokens":
+        fig = tokens_figure(args.inputs[0], args.ckpt)
     else:
         fig = {"sft": sft_figure, "skills": skills_figure}[args.figure](args.inputs[0])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
