@@ -198,7 +198,7 @@ def main(argv=None):
     if resume is not None:
         log(f"resumed from {ckpt_path} at step {start_step}")
     metrics_log = training.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
-                                      is_main, resume is not None)
+                                      is_main, resume is not None, args)
     # DPO: the loss with its hyper-parameters, fixed once for the whole run.
     loss_fn = functools.partial(dpo_loss, beta=args.beta, loss_type=args.loss,
                                 label_smoothing=args.label_smoothing,

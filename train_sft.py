@@ -112,7 +112,7 @@ def main(argv=None):
     if resume is not None:
         log(f"resumed from {ckpt_path} at step {start_step}")
     metrics_log = training.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
-                                      is_main, resume is not None)
+                                      is_main, resume is not None, args)
 
     # ------------------------------------------------------------------------
     # 6. Training loop

@@ -8,6 +8,7 @@ Not run directly; see train_sft.py and train_dpo.py.
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -62,6 +63,8 @@ def add_training_args(parser, defaults):
     a("--skip-invalid", action="store_true", help="skip bad data records (counted) instead "
       "of stopping at the first")
     a("--quiet", action="store_true", help="no progress bar")
+    a("--wandb", default=None, metavar="PROJECT", help="also log the metrics.jsonl records "
+      "to this Weights & Biases project (pip install wandb; WANDB_MODE=offline works)")
 
 
 @dataclass
@@ -306,19 +309,31 @@ def all_reduce_sum(values, world_size, device):
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl (rank 0 only)."""
+    """Appends one JSON object per logged step to metrics.jsonl (rank 0 only); with
+    --wandb PROJECT the same records also go to Weights & Biases (imported only then;
+    WANDB_MODE=offline keeps them on disk)."""
 
-    def __init__(self, path, enabled, resume):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path, enabled, resume, args=None):
+        self.path, self.enabled, self.wandb_run = path, enabled, None
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             if not resume and os.path.exists(path):
                 os.remove(path)
+        if enabled and args is not None and args.wandb:
+            try:
+                wandb = importlib.import_module("wandb")
+            except ImportError:
+                raise UserError("--wandb needs the wandb package: pip install wandb") from None
+            stage = os.path.basename(os.path.dirname(os.path.abspath(path)))
+            self.wandb_run = wandb.init(project=args.wandb, config=vars(args),
+                                        name=f"{stage} {os.path.abspath(args.out_dir)}")
 
     def write(self, record):
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.wandb_run is not None:
+                self.wandb_run.log(record, step=record["step"])
 
 
 def seed_everything(seed):
