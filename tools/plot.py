@@ -169,7 +169,7 @@ def tokens_figure(results_path, ckpt=None):
         raise UserError(f"{results_path}: no shifts for {ckpt}; it has {', '.join(shifts)}")
     pairs = shifts[ckpt]
     width = max(len(p[side]) for p in pairs for side in ("chosen", "rejected"))
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(max(8, 0.32 * width * 2), 2.3 * len(pairs)),
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(max(8, 0.24 * width * 2), 2.2 * len(pairs)),
                              squeeze=False)
     low = min(min(p["chosen_shift"] + p["rejected_shift"]) for p in pairs)
     high = max(max(p["chosen_shift"] + p["rejected_shift"]) for p in pairs)
