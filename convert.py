@@ -27,8 +27,8 @@ import torch
 
 import tokenizer
 from errors import ArgumentParser, UserError, run_main
-from model import (ModelConfig, Transformer, load_checkpoint, model_from_checkpoint,
-                   save_checkpoint, save_tensors)
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, save_tensors
+from model import ModelConfig, Transformer
 
 MINIMIND_NORM_EPS = 1e-6  # MiniMindConfig.rms_norm_eps
 MINIMIND_ROPE_THETA = 1e6  # MiniMindConfig.rope_theta

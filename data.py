@@ -1,9 +1,8 @@
 """The data side of minidpo: chat template, file readers, datasets, batching.
 
 1. (tokenizer.py: the byte-level BPE and its .tiktoken file.)
-2. The chat template, rendering messages to `(ids, loss_mask)`: ChatML, or
-   MiniMind's (a think block in each assistant turn) for a converted MiniMind
-   tokenizer.
+2. The chat template, rendering messages to `(ids, loss_mask)`: ChatML (MiniMind's
+   own, with its think block, is in extras/minimind.py).
 3. Readers for the SFT and preference formats (JSONL or a JSON array), with
    errors that name the file, the line and the problem.
 4. `SFTDataset` and `PreferenceDataset` with explicit truncation, collate
@@ -18,7 +17,6 @@ import json
 import os
 import random
 from collections import Counter
-from dataclasses import astuple, dataclass
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -33,22 +31,22 @@ ROLES = ("system", "user", "assistant")
 # ----------------------------------------------------------------------------
 # 2. The chat template (ChatML)
 
-TEMPLATES = ("chatml", "minimind")
-THINK, END_THINK = "<think>", "</think>"
+TEMPLATES = ("chatml", "minimind")  # minimind: MiniMind's own (extras/minimind.py)
 
 
 class Chat:
     """Renders messages with the ChatML template: `<|im_start|>{role}\n{content}<|im_end|>\n`.
 
     Each piece is encoded on its own and the ids concatenated, so the ids of a
-    prompt never depend on the response that follows it.
-
-    template "minimind" (the default for a converted MiniMind tokenizer, which names it)
-    is MiniMind's own: ChatML with a think block opening every assistant turn,
-    `<think>\n{reasoning}\n</think>\n\n`, empty when there is no reasoning, and the
-    generation prompt ends with the empty block. The block is prompt (mask 0) when empty
-    and response (mask 1) when it holds reasoning.
+    prompt never depend on the response that follows it. Chat(enc) of a converted
+    MiniMind tokenizer, which names its template, is MiniMind's (extras/minimind.py).
     """
+
+    def __new__(cls, enc, template=None):
+        if cls is Chat and (template or getattr(enc, "chat_template", "chatml")) == "minimind":
+            from extras.minimind import MiniMindChat  # the one plug-in point for templates
+            cls = MiniMindChat
+        return super().__new__(cls)
 
     def __init__(self, enc, template=None):
         self.enc = enc
@@ -63,27 +61,14 @@ class Chat:
     def header(self, role):
         return [self.im_start] + encode_text(self.enc, role + "\n")
 
-    def think_block(self, reasoning):
-        """MiniMind: `<think>\n{reasoning}\n</think>\n\n` as ids; ChatML: nothing."""
-        if self.template == "chatml":
-            return []
-        # MiniMind's tokenizer encodes "\n\n" + content as one piece; its vocabulary has no
-        # "\n\n" token, so encoding the two apart gives the same ids (tests check).
-        return ([self.enc.encode_single_token(THINK)] + encode_text(self.enc, f"\n{reasoning}\n")
-                + [self.enc.encode_single_token(END_THINK)] + encode_text(self.enc, "\n\n"))
-
-    def split_reasoning(self, content):
-        """(reasoning, answer) of an assistant message, as MiniMind's template splits it:
-        the text before `</think>` (less a leading `<think>`) and the text after it."""
-        if self.template == "chatml" or END_THINK not in content:
-            return "", content
-        parts = content.split(END_THINK)
-        return parts[0].split(THINK)[-1].strip("\n"), parts[-1].lstrip("\n")
+    def assistant_prefix(self, content):
+        """(ids, mask, content): what opens an assistant turn before its content (nothing
+        in ChatML) and the content that follows it."""
+        return [], [], content
 
     def generation_prompt(self):
-        """What the assistant's answer follows: `<|im_start|>assistant\n` (+ MiniMind's
-        empty think block)."""
-        return self.header("assistant") + self.think_block("")
+        """What the assistant's answer follows: `<|im_start|>assistant\n`."""
+        return self.header("assistant")
 
     def render(self, messages):
         """(ids, loss_mask) of a whole conversation; the mask is 1 on each assistant
@@ -94,32 +79,23 @@ class Chat:
             >>> import itertools
             >>> from tokenizer import load_tokenizer
             >>> chat = Chat(load_tokenizer())
-            >>> ids, mask = chat.render([{"role": "system", "content": "Be kind."},
-            ...                          {"role": "user", "content": "Hi"},
+            >>> ids, mask = chat.render([{"role": "user", "content": "Hi"},
             ...                          {"role": "assistant", "content": "Hello!"}])
             >>> for on, run in itertools.groupby(zip(ids, mask), key=lambda x: x[1]):
-            ...     print(f"mask {on}: " + chat.enc.decode([t for t, _ in run]))
-            mask 0: <|im_start|>system
-            Be kind.<|im_end|>
-            <|im_start|>user
-            Hi<|im_end|>
-            <|im_start|>assistant
-            mask 1: Hello!<|im_end|>
-            mask 0:
-            <BLANKLINE>
+            ...     print(f"mask {on}: " + repr(chat.enc.decode([t for t, _ in run])))
+            mask 0: '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+            mask 1: 'Hello!<|im_end|>'
+            mask 0: '\\n'
         """
         ids, mask = [], []
         for m in messages:
-            head, content, think, thinking = self.header(m["role"]), m["content"], [], 0
+            head, content, prefix, prefix_mask = self.header(m["role"]), m["content"], [], []
             on = 1 if m["role"] == "assistant" else 0
             if on:
-                reasoning, content = self.split_reasoning(content)
-                think = self.think_block(reasoning)  # MiniMind only: trained on if not empty
-                thinking = 1 if reasoning else 0
+                prefix, prefix_mask, content = self.assistant_prefix(content)
             body = encode_text(self.enc, content) + [self.im_end]
-            ids += head + think + body + self.newline
-            mask += ([0] * len(head) + [thinking] * len(think) + [on] * len(body)
-                     + [0] * len(self.newline))
+            ids += head + prefix + body + self.newline
+            mask += [0] * len(head) + prefix_mask + [on] * len(body) + [0] * len(self.newline)
         return ids, mask
 
     def render_prompt(self, messages):
@@ -131,11 +107,7 @@ class Chat:
         """(ids, mask) of the response that follows `render_prompt`: the first (assistant)
         message's content and <|im_end|>, then any further messages rendered in full. The
         trailing newline is left off: generation stops at <|im_end|>."""
-        reasoning, content = self.split_reasoning(messages[0]["content"])
-        if reasoning:
-            raise UserError("a response with <think> reasoning: the MiniMind prompt ends "
-                            "with an empty think block, so DPO cannot score reasoning")
-        first = encode_text(self.enc, content) + [self.im_end]
+        first = encode_text(self.enc, messages[0]["content"]) + [self.im_end]
         ids, mask = self.render(messages[1:])
         ids, mask = first + self.newline + ids, [1] * len(first) + [0] * len(self.newline) + mask
         return ids[:len(ids) - len(self.newline)], mask[:len(ids) - len(self.newline)]
@@ -596,63 +568,6 @@ def collate_pairs(items, pad_id):
                        padding_value=pad_id)  # (2B, T)
     loss_mask = pad_sequence([torch.tensor(m) for m in masks], batch_first=True)  # (2B, T)
     return ids, loss_mask
-
-
-@dataclass
-class PackedPairs:
-    """A batch of pairs with each distinct token once (opt-in --packed): the prompt of a
-    pair is shared by its chosen and rejected rows, and there is no padding, so the
-    matmuls, norms and feed-forwards run on fewer tokens. Same numbers as collate_pairs.
-
-    ids (N,): per pair its prompt, chosen response, rejected response.
-    index (2B, T): the rows of collate_pairs (0..B-1 prompt+chosen, B..2B-1
-    prompt+rejected) as indices into ids, right-padded with index 0 (a padded position
-    comes after every real one of its row, so causal attention never reads it).
-    back (N,): where in the flattened (2B * T) rows each distinct token is read back from
-    (a prompt token from its chosen row). pred, labels, seq (M,): for each response
-    token counted in the loss, the index of the token that predicts it, its id and its
-    row (0..2B-1). The prompt's last token predicts both responses' first tokens.
-    """
-    ids: torch.Tensor
-    index: torch.Tensor
-    back: torch.Tensor
-    pred: torch.Tensor
-    labels: torch.Tensor
-    seq: torch.Tensor
-
-    def to(self, device):
-        return PackedPairs(*(to_device(t, device) for t in astuple(self)))
-
-
-def pack_pairs(items):
-    """Pairs -> PackedPairs (see there).
-
-        >>> p = pack_pairs([{"prompt": [5, 6], "chosen": [7], "chosen_mask": [1],
-        ...                  "rejected": [8, 9], "rejected_mask": [1, 1]}])
-        >>> p.ids.tolist(), p.index.tolist(), p.back.tolist()
-        ([5, 6, 7, 8, 9], [[0, 1, 2, 0], [0, 1, 3, 4]], [0, 1, 2, 6, 7])
-        >>> p.pred.tolist(), p.labels.tolist(), p.seq.tolist()
-        ([1, 1, 3], [7, 8, 9], [0, 1, 1])
-    """
-    B = len(items)
-    T = max(len(x["prompt"]) + max(len(x["chosen"]), len(x["rejected"])) for x in items)
-    ids, index, back, pred, labels, seq = [], [[0] * T for _ in range(2 * B)], [], [], [], []
-    for b, x in enumerate(items):
-        P = len(x["prompt"])
-        prompt = list(range(len(ids), len(ids) + P))
-        ids += x["prompt"]
-        back += [b * T + t for t in range(P)]
-        for row, side in ((b, "chosen"), (B + b, "rejected")):
-            response = list(range(len(ids), len(ids) + len(x[side])))
-            ids += x[side]
-            back += [row * T + P + j for j in range(len(x[side]))]
-            index[row][:P + len(response)] = prompt + response
-            for j, (token, counted) in enumerate(zip(x[side], x[side + "_mask"])):
-                if counted and P + j > 0:  # position 0 has no token before it
-                    pred.append(index[row][P + j - 1])
-                    labels.append(token)
-                    seq.append(row)
-    return PackedPairs(*(torch.tensor(v) for v in (ids, index, back, pred, labels, seq)))
 
 
 def epoch_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, grad_accum=1,

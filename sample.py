@@ -15,7 +15,7 @@ import tasks
 import tokenizer
 import training
 from errors import ArgumentParser, run_main
-from model import check_tokenizer, load_checkpoint, model_from_checkpoint
+from checkpoint import check_tokenizer, load_checkpoint, model_from_checkpoint
 
 
 def fit_for_generation(chat, messages, max_seq_len, max_new_tokens):

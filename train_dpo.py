@@ -1,9 +1,9 @@
 """Stage 2: Direct Preference Optimization (DPO) of the SFT model on preference pairs.
 
-The whole DPO loop is in this file. Per step: one forward of chosen and rejected
-together through the policy, the same through the frozen reference (or a lookup
-with --precompute-ref), the DPO loss of loss.py, backward, clip, AdamW.
-Sections are numbered as in train_sft.py; what DPO adds is marked "DPO:".
+The loss is the paper's Eq. 7 (loss.dpo_loss) on each pair's summed response log-probs
+under the policy and under a frozen copy of the SFT model, the reference. The result,
+out/dpo.pt, is the aligned model. train_sft.py has the same numbered sections; `diff
+train_sft.py train_dpo.py` shows what DPO adds.
 
 Run:  python train_sft.py && torchrun --standalone --nproc_per_node=2 train_dpo.py
       python train_dpo.py --data my_pairs.jsonl --beta 0.1 --loss sigmoid
@@ -13,7 +13,6 @@ import argparse
 import copy
 import dataclasses
 import functools
-import hashlib
 import math
 import os
 import shlex
@@ -27,23 +26,22 @@ import data
 import tokenizer
 import train_sft
 import training
+from checkpoint import check_tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint
 from errors import ArgumentParser, UserError
+from extras import losses, packed, precomputed_reference, variant_state
 from loss import (LOSS_TYPES, METRIC_NAMES, PAPER_BETA, REFERENCE_FREE_LOSSES, SMOOTHED_LOSSES,
                   TINYCHAT_BETA, ChosenRejected, choose_beta, concatenated_logps, dpo_loss,
-                  packed_logps, preference_metrics)
-from model import (Transformer, add_model_args, check_tokenizer, config_from_args,
-                   configure_optimizer, load_checkpoint, lr_at, model_from_checkpoint,
-                   optimizer_step, save_checkpoint, save_tensors)
+                  preference_metrics)
+from model import Transformer, add_model_args, config_from_args
 from sample import show_samples
 
 STAGE = "dpo"
 
 # The flags that define a run (--resume refuses to continue another; training.run_identity)
 RUN_KEYS = ("batch_size", "grad_accum", "max_len", "seed", "lr", "min_lr_ratio", "warmup_steps",
-             "weight_decay", "grad_clip", "epochs", "steps", "dtype", "group_by_length",
-             "max_prompt_len", "beta", "loss", "label_smoothing", "sft_alpha",
-             "reference_free", "dpop_lambda", "simpo_gamma", "rdpo_alpha", "sync_ref_every",
-             "sync_ref_alpha")
+            "weight_decay", "grad_clip", "epochs", "steps", "dtype", "group_by_length",
+            "max_prompt_len", "beta", "loss", "label_smoothing", "sft_alpha", "reference_free",
+            *losses.RUN_KEYS, *variant_state.RUN_KEYS)
 
 
 # ----------------------------------------------------------------------------
@@ -51,12 +49,13 @@ RUN_KEYS = ("batch_size", "grad_accum", "max_len", "seed", "lr", "min_lr_ratio",
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default=os.path.join(data.DATA_DIR, "pairs_train.jsonl"),
                         help="preference pairs (.jsonl or .json, any supported format)")
     parser.add_argument("--val-data", default=os.path.join(data.DATA_DIR, "pairs_val.jsonl"),
                         help="held-out pairs for --eval-every ('' for none)")
-    parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER, help=".tiktoken file")
+    parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER,
+                        help=".tiktoken file (train one with python tokenizer.py)")
     parser.add_argument("--samples", type=int, default=6,
                         help="greedy answers printed at the end: to held-out TinyChat prompts "
                         "(judged) on TinyChat data, else to the first --val-data prompts")
@@ -72,29 +71,14 @@ def parse_args(argv=None):
                         help="train_sft.py flags for that first SFT stage, e.g. '--steps 100'")
     parser.add_argument("--beta", type=float, default=None,
                         help=f"DPO beta: strength of the KL penalty to the reference (default: "
-                        f"{TINYCHAT_BETA} on TinyChat, measured there, see README; "
+                        f"{TINYCHAT_BETA} on TinyChat, measured there, see docs/results.md; "
                         f"{PAPER_BETA}, the paper's, on any other data)")
     parser.add_argument("--loss", default="sigmoid", choices=LOSS_TYPES,
-                        help="sigmoid is DPO (Eq. 7); the others are its variants, each "
-                        "with its formula and paper in loss.dpo_loss")
+                        help="sigmoid is DPO (Eq. 7), ipo in loss.dpo_loss; the others are "
+                        "variants, each with its formula and paper in extras/losses.py")
     parser.add_argument("--label-smoothing", type=float, default=0.0,
                         help="conservative DPO (sigmoid, simpo) and robust DPO: assumed "
                         "share of flipped labels")
-    parser.add_argument("--dpop-lambda", type=float, default=50.0,
-                        help="dpop: weight of the penalty on a chosen answer less likely "
-                        "than under the reference")
-    parser.add_argument("--simpo-gamma", type=float, default=0.5,
-                        help="simpo: target reward margin gamma")
-    parser.add_argument("--rdpo-alpha", type=float, default=0.01,
-                        help="rdpo: alpha of Eq. 9, +alpha (|y_w| - |y_l|) inside the "
-                        "sigmoid: the reward a length-penalised judge gives, so length "
-                        "alone earns nothing")
-    parser.add_argument("--sync-ref-every", type=int, default=0,
-                        help="TR-DPO: every N steps the reference moves towards the policy "
-                        "(0: a fixed reference, as in DPO)")
-    parser.add_argument("--sync-ref-alpha", type=float, default=1.0,
-                        help="TR-DPO: reference <- alpha * policy + (1 - alpha) * reference "
-                        "(1: a hard copy)")
     parser.add_argument("--sft-alpha", type=float, default=0.0,
                         help="RPO: weight of the chosen answers' token-mean NLL added to the "
                         "loss (0: plain DPO, Eq. 7)")
@@ -104,31 +88,27 @@ def parse_args(argv=None):
                         help="prompts are cut from the left to this many tokens")
     parser.add_argument("--packed", action="store_true",
                         help="speed: each pair's prompt once for chosen and rejected and no "
-                        "padding in the matmuls (data.PackedPairs); the same numbers")
+                        "padding in the matmuls (extras/packed.py); the same numbers")
     parser.add_argument("--precompute-ref", action="store_true",
                         help="compute the reference log-probs once, cache them on disk and "
                         "free the reference model: no reference forward per step")
+    losses.add_args(parser)  # the variants' own flags
+    variant_state.add_args(parser)
     add_model_args(parser)
     training.add_training_args(parser, dict(out_dir="out", epochs=1.0, batch_size=8,
                                             lr=5e-5, warmup_steps=20, max_len=256,
                                             eval_every=100))
     args = parser.parse_args(argv)
     args.beta, args.beta_source = choose_beta(args.beta, data.is_tinychat(args.data))
-    if args.sync_ref_every and (args.precompute_ref or args.reference_free
-                                or args.loss in REFERENCE_FREE_LOSSES):
-        parser.error("--sync-ref-every moves the reference during training: it needs a "
-                     "reference model, so not --precompute-ref (reference log-probs computed "
-                     f"once), --reference-free or --loss {'/'.join(REFERENCE_FREE_LOSSES)}")
-    if args.ref_ckpt and (args.reference_free or args.loss in REFERENCE_FREE_LOSSES):
-        parser.error(f"--ref-ckpt names a reference, but --reference-free and --loss "
-                     f"{'/'.join(REFERENCE_FREE_LOSSES)} use none")
-    if not 0 < args.sync_ref_alpha <= 1:
-        parser.error("--sync-ref-alpha must be in (0, 1]")
+    variant_state.check_args(parser, args, REFERENCE_FREE_LOSSES)
     if not 0 <= args.label_smoothing < 0.5:
         parser.error("--label-smoothing must be in [0, 0.5)")
     if args.label_smoothing and args.loss not in SMOOTHED_LOSSES:
         parser.error(f"--label-smoothing acts on --loss {'/'.join(SMOOTHED_LOSSES)} only, "
                      f"not {args.loss}")
+    if args.ref_ckpt and (args.reference_free or args.loss in REFERENCE_FREE_LOSSES):
+        parser.error(f"--ref-ckpt names a reference, but --reference-free and --loss "
+                     f"{'/'.join(REFERENCE_FREE_LOSSES)} use none")
     return args
 
 
@@ -181,32 +161,30 @@ def main(argv=None):
     resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
     training.check_max_len(args.max_len, model.config)
     log(f"model: {model.num_params():,} parameters, {model.config}")
-    # DPO: --precompute-ref: every pair's reference log-probs once, then no reference model.
-    ref_tables = {}
+    ref_tables = {}  # --precompute-ref: every pair's reference log-probs, then no reference
     if args.precompute_ref and reference is not None:
-        ref_tables = precompute_reference(reference, train_ds, val_ds, args, run, ctx,
-                                          dist_info, log)
+        ref_tables = precomputed_reference.precompute(reference, train_ds, val_ds, args, run,
+                                                      ctx, dist_info, log)
         reference = None  # freed: no reference forward during training
     raw_model = model  # the unwrapped model: what we save and evaluate
     model = training.wrap_model(model, args.compile, dist_info)  # compile, DDP
 
     # ------------------------------------------------------------------------
     # 5. Optimizer, learning-rate schedule, AMP scaler
-    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay)
+    optimizer = training.configure_optimizer(raw_model, args.lr, args.weight_decay)
     scaler = training.make_scaler(device, args.dtype)
     start_step = training.restore_training_state(resume, optimizer, scaler, device)
     if resume is not None:
         log(f"resumed from {ckpt_path} at step {start_step}")
     metrics_log = training.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
                                       is_main, resume is not None, args)
-    # DPO: the loss with its hyper-parameters, fixed once for the whole run.
+    # DPO: the loss with its hyper-parameters, fixed once for the whole run, and what some
+    # variants carry from step to step (extras/variant_state.py; in checkpoints too)
     loss_fn = functools.partial(dpo_loss, beta=args.beta, loss_type=args.loss,
                                 label_smoothing=args.label_smoothing,
                                 dpop_lambda=args.dpop_lambda, simpo_gamma=args.simpo_gamma,
                                 rdpo_alpha=args.rdpo_alpha)
-    # DPO: what some variants carry from step to step: BCO's reward shift delta (the mean
-    # reward so far) and TR-DPO's moving reference; saved in checkpoints for --resume.
-    bco_delta = restore_variant_state(resume, reference)
+    variants = variant_state.VariantState(args, reference, resume)
 
     # ------------------------------------------------------------------------
     # 6. Training loop
@@ -215,7 +193,7 @@ def main(argv=None):
     bar = tqdm(range(start_step, end_step), initial=start_step, total=n_steps,
                disable=not is_main or args.quiet, desc=STAGE)
     for step in bar:
-        lr = lr_at(step, n_steps, args.lr, args.warmup_steps, args.min_lr_ratio)
+        lr = training.lr_at(step, n_steps, args.lr, args.warmup_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = order(step)  # grad_accum lists of pair indices
@@ -232,23 +210,33 @@ def main(argv=None):
                                           device)
                     logps, n_tokens = pair_logps(model, batch, args)  # by name, (B,) each
                 # DPO: Eq. 7 per pair, plus the optional RPO term (token-mean NLL of y_w).
-                losses, chosen_rewards, rejected_rewards = loss_fn(
+                pair_losses, chosen_rewards, rejected_rewards = loss_fn(
                     logps.chosen, logps.rejected, ref.chosen, ref.rejected,
                     chosen_n_tokens=n_tokens.chosen, rejected_n_tokens=n_tokens.rejected,
-                    bco_delta=bco_delta)
+                    **variants.loss_options())
                 # RPO's NLL: each pair's token mean, then the batch mean (TRL pools tokens)
                 nll = (-logps.chosen / n_tokens.chosen).mean()
                 aux = raw_model.aux_loss  # MoE: the routers' load balancing (0 if dense)
-                loss = losses.mean() + args.sft_alpha * nll + aux
+                loss = pair_losses.mean() + args.sft_alpha * nll + aux
                 scaler.scale(loss / len(micro)).backward()
-            metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, logps)
+            metrics = preference_metrics(pair_losses, chosen_rewards, rejected_rewards, logps)
             metrics.update({"loss": loss.detach(), "loss/nll": nll.detach(),
                             "loss/aux": aux.detach()})
             for name, v in metrics.items():
                 step_metrics[name] = step_metrics.get(name, 0.0) + v / len(micro)
             pairs_seen += len(idx) * dist_info.world_size
             tokens_seen += sum(train_lengths[i] for i in idx) * dist_info.world_size
-        grad_norm, skipped = optimizer_step(raw_model, optimizer, scaler, args.grad_clip)
+        # The AMP step: unscale (a no-op unless float16's GradScaler is on), clip, step. A
+        # step with non-finite gradients is skipped, never applied (float16: the scaler
+        # skips it and lowers its scale); the lr schedule and the data order still advance.
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                   args.grad_clip or math.inf).item()
+        skipped = not math.isfinite(grad_norm)
+        if scaler.is_enabled() or not skipped:
+            scaler.step(optimizer)  # = optimizer.step() when the scaler is off
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
         skipped_steps += skipped
         values = torch.stack([step_metrics[n] for n in METRIC_NAMES])  # (M,) on device
         if dist_info.world_size > 1:
@@ -257,16 +245,7 @@ def main(argv=None):
         if not math.isfinite(record["loss"]) and args.dtype != "float16":  # fp16: scaler skips
             raise training.NonFiniteLoss(record["loss"], step, args.dtype)
         done = step + 1
-        # BCO: delta = running mean of the rewards of the steps so far; this step used the
-        # delta of the steps before it (TRL's older code also counted the current batch and
-        # evaluation batches; TRL 1.16 has no delta at all)
-        if args.loss == "bco_pair" and not skipped:  # a skipped step leaves it as it is
-            mean_reward = (record["rewards/chosen"] + record["rewards/rejected"]) / 2
-            bco_delta += (mean_reward - bco_delta) / done
-        if args.sync_ref_every and done % args.sync_ref_every == 0:  # TR-DPO, soft update
-            with torch.no_grad():
-                for r, p in zip(reference.parameters(), raw_model.parameters()):
-                    r.lerp_(p, args.sync_ref_alpha)  # r = r + alpha (p - r)
+        variants.after_step(done, record, skipped, raw_model)  # BCO's delta, TR-DPO's sync
         elapsed = time.time() - t0
         record.update(step=done, grad_norm=grad_norm, lr=lr, skipped_steps=skipped_steps,
                       tokens_per_s=tokens_seen / elapsed, pairs_per_s=pairs_seen / elapsed)
@@ -277,8 +256,8 @@ def main(argv=None):
         if val_ds is not None and (done == n_steps or
                                    (args.eval_every and done % args.eval_every == 0)):
             record.update(evaluate(raw_model, reference, ref_tables.get("val"), val_ds,
-                                   functools.partial(loss_fn, bco_delta=bco_delta), args, ctx,
-                                   dist_info))
+                                   functools.partial(loss_fn, **variants.loss_options()),
+                                   args, ctx, dist_info))
             log(f"step {done}: train loss {record['loss']:.4f}, val loss "
                 f"{record['val/loss']:.4f}, val reward accuracy "
                 f"{record['val/rewards/accuracies']:.3f}, margin "
@@ -288,8 +267,7 @@ def main(argv=None):
         if is_main and not args.no_save and (done == end_step or
                                              (args.save_every and done % args.save_every == 0)):
             state = training.train_state(optimizer, scaler, done, args, run, device)
-            state["dpo"] = {"bco_delta": bco_delta, "reference": (
-                reference.state_dict() if args.sync_ref_every else None)}
+            state["dpo"] = variants.state_dict()
             save_checkpoint(ckpt_path, raw_model, tokenizer_id, state)
 
     # ------------------------------------------------------------------------
@@ -314,12 +292,12 @@ def evaluate(model, reference, ref_table, dataset, loss_fn, args, ctx, dist_info
             with ctx:
                 logps, n_tokens = pair_logps(model, batch, args)
                 ref = reference_logps(reference, ref_table, idx, batch, args, dist_info.device)
-            losses, chosen_rewards, rejected_rewards = loss_fn(
+            pair_losses, chosen_rewards, rejected_rewards = loss_fn(
                 logps.chosen, logps.rejected, ref.chosen, ref.rejected,
                 chosen_n_tokens=n_tokens.chosen, rejected_n_tokens=n_tokens.rejected)
             nll = (-logps.chosen / n_tokens.chosen).mean()
-            metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, logps)
-            metrics.update({"loss": losses.mean() + args.sft_alpha * nll + model.aux_loss,
+            metrics = preference_metrics(pair_losses, chosen_rewards, rejected_rewards, logps)
+            metrics.update({"loss": pair_losses.mean() + args.sft_alpha * nll + model.aux_loss,
                             "loss/nll": nll, "loss/aux": model.aux_loss})
             for j, name in enumerate(METRIC_NAMES):
                 totals[j] += metrics[name].item() * len(idx)
@@ -329,7 +307,7 @@ def evaluate(model, reference, ref_table, dataset, loss_fn, args, ctx, dist_info
     return {f"val/{name}": totals[j] / totals[-1] for j, name in enumerate(METRIC_NAMES)}
 
 # ----------------------------------------------------------------------------
-# DPO: the policy, the reference and its precomputed log-probs
+# DPO: the policy, the reference, the pairs' batches and their log-probs
 
 
 def policy_from_sft(args, vocab_size, tokenizer_id):
@@ -375,21 +353,12 @@ def sft_stage_first(args, log):
         torch.distributed.barrier()  # every rank waits for rank 0's sft.pt
 
 
-def restore_variant_state(resume, reference):
-    """--resume: put back what a variant carries across steps (BCO's delta, TR-DPO's moved
-    reference); returns delta (0.0 for a new run)."""
-    state = resume["train_state"].get("dpo", {}) if resume else {}
-    if state.get("reference") is not None:
-        reference.load_state_dict(state["reference"])
-    return state.get("bco_delta", 0.0)
-
-
 def pair_batch(dataset, idx, args, device):
     """The pairs idx as one batch on device: (ids, mask) of data.collate_pairs, each
-    (2B, T), rows 0..B-1 chosen and B..2B-1 rejected; with --packed a data.PackedPairs."""
+    (2B, T), rows 0..B-1 chosen and B..2B-1 rejected."""
     items = [dataset[i] for i in idx]
-    if args.packed:
-        return data.pack_pairs(items).to(device)
+    if args.packed:  # another batch layout: each prompt once, no padding (extras/packed.py)
+        return packed.pack_pairs(items).to(device)
     ids, mask = data.collate_pairs(items, dataset.pad_id)
     return data.to_device(ids, device), data.to_device(mask, device)
 
@@ -397,15 +366,15 @@ def pair_batch(dataset, idx, args, device):
 def pair_logps(model, batch, args):
     """(logps, n_tokens) of a pair_batch, each a ChosenRejected of (B,) tensors."""
     if args.packed:
-        return packed_logps(model, batch, args.chunked_head)
+        return packed.packed_logps(model, batch, args.chunked_head)
     ids, mask = batch
     return concatenated_logps(model, ids, mask, args.chunked_head)
 
 
 def reference_logps(reference, ref_table, idx, batch, args, device):
-    """The reference's summed log-probs of a batch, as ChosenRejected: looked up in the
-    precomputed table, 0 with --reference-free (and for simpo and orpo, which do not read
-    them), or a no-grad forward of the reference."""
+    """The reference's summed log-probs of a batch, as ChosenRejected: a no-grad forward
+    of the reference, 0 with --reference-free (and for the losses that never read them),
+    or with --precompute-ref looked up in its table."""
     if ref_table is not None:
         rows = ref_table[idx].to(device)  # (B, 2)
         return ChosenRejected(chosen=rows[:, 0], rejected=rows[:, 1])
@@ -414,66 +383,6 @@ def reference_logps(reference, ref_table, idx, batch, args, device):
         return ChosenRejected(chosen=zeros, rejected=zeros)
     with torch.no_grad():
         return pair_logps(reference, batch, args)[0]
-
-
-def precompute_reference(reference, train_ds, val_ds, args, run, ctx, dist_info, log):
-    """--precompute-ref: the reference's (chosen, rejected) log-probs of every training and
-    held-out pair, {"train": (N, 2), "val": (M, 2)}, cached on disk under a key of
-    everything they depend on (SFT weights, data files, tokenisation, dtype); the file
-    hashes come from `run` (training.run_identity), which has them already."""
-    key = reference_cache_key(args, run, reference.config, val_ds is not None,
-                              dist_info.device.type)
-    cache_path = os.path.join(args.out_dir, STAGE, f"ref_logps_{key}.pt")
-    found = os.path.exists(cache_path)
-    if dist_info.world_size > 1:  # every rank takes the same branch (out-dirs may be local)
-        flag = torch.tensor([float(found)], device=dist_info.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        found = bool(flag.item())
-    if found:
-        log(f"reference log-probs: loaded {cache_path}")
-        return torch.load(cache_path, weights_only=True)
-    t0 = time.time()
-    tables = {"train": reference_table(reference, train_ds, 2 * args.batch_size, ctx,
-                                       dist_info)}
-    if val_ds is not None:
-        tables["val"] = reference_table(reference, val_ds, 2 * args.batch_size, ctx,
-                                        dist_info)
-    if dist_info.is_main:
-        save_tensors(tables, cache_path)
-    log(f"reference log-probs: computed in {time.time() - t0:.1f}s, cached in {cache_path}")
-    return tables
-
-
-def reference_cache_key(args, run, config, has_val, device_type):
-    """16 hex digits of everything the reference's log-probs depend on: SFT weights (or the
-    seed and shape of a fresh model), data files, tokenisation, dtype and the device type
-    (CPU and GPU kernels round differently)."""
-    return hashlib.sha256("|".join([
-        (run.get("ref_ckpt_sha256") or run["sft_ckpt_sha256"]) if args.sft_ckpt
-        else f"random-init-seed{args.seed}-{config}",
-        run["data_sha256"], training.file_digest(args.val_data) if has_val else "",
-        run["tokenizer_sha256"], str(args.max_len), str(args.max_prompt_len), args.dtype,
-        str(args.skip_invalid), device_type]).encode()).hexdigest()[:16]
-
-
-def reference_table(reference, dataset, batch_size, ctx, dist_info):
-    """The reference's (chosen, rejected) log-probs of every pair of a data set, (N, 2).
-    Pairs are batched in length order (little padding); each rank computes every
-    world_size-th batch and one all-reduce shares the results."""
-    out = torch.zeros(len(dataset), 2, dtype=torch.float64, device=dist_info.device)
-    lengths = dataset.lengths()
-    by_length = sorted(range(len(dataset)), key=lambda i: lengths[i])
-    batches = [by_length[s:s + batch_size] for s in range(0, len(by_length), batch_size)]
-    with torch.no_grad():
-        for idx in batches[dist_info.rank::dist_info.world_size]:
-            ids, mask = data.collate_pairs([dataset[i] for i in idx], dataset.pad_id)
-            with ctx:
-                logps, _ = concatenated_logps(reference, ids.to(dist_info.device),
-                                              mask.to(dist_info.device))
-            out[idx, 0], out[idx, 1] = logps.chosen.double(), logps.rejected.double()
-    if dist_info.world_size > 1:
-        torch.distributed.all_reduce(out)
-    return out.float().cpu()
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ import data
 import tokenizer
 import training
 from errors import ArgumentParser, UserError
+from checkpoint import save_checkpoint
 from loss import response_logps
-from model import (Transformer, add_model_args, config_from_args, configure_optimizer, lr_at,
-                   optimizer_step, save_checkpoint)
+from model import Transformer, add_model_args, config_from_args
 from sample import show_samples
 
 STAGE = "sft"
@@ -106,7 +106,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------
     # 5. Optimizer, learning-rate schedule, AMP scaler
-    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay)
+    optimizer = training.configure_optimizer(raw_model, args.lr, args.weight_decay)
     scaler = training.make_scaler(device, args.dtype)
     start_step = training.restore_training_state(resume, optimizer, scaler, device)
     if resume is not None:
@@ -121,7 +121,7 @@ def main(argv=None):
     bar = tqdm(range(start_step, end_step), initial=start_step, total=n_steps,
                disable=not is_main or args.quiet, desc=STAGE)
     for step in bar:
-        lr = lr_at(step, n_steps, args.lr, args.warmup_steps, args.min_lr_ratio)
+        lr = training.lr_at(step, n_steps, args.lr, args.warmup_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = order(step)  # grad_accum lists of example indices
@@ -144,7 +144,17 @@ def main(argv=None):
             step_metrics["loss"] += loss.detach()
             step_metrics["loss/aux"] += aux.detach()
             tokens_seen += sum(train_lengths[i] for i in idx) * dist_info.world_size
-        grad_norm, skipped = optimizer_step(raw_model, optimizer, scaler, args.grad_clip)
+        # The AMP step: unscale (a no-op unless float16's GradScaler is on), clip, step. A
+        # step with non-finite gradients is skipped, never applied (float16: the scaler
+        # skips it and lowers its scale); the lr schedule and the data order still advance.
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                   args.grad_clip or math.inf).item()
+        skipped = not math.isfinite(grad_norm)
+        if scaler.is_enabled() or not skipped:
+            scaler.step(optimizer)  # = optimizer.step() when the scaler is off
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
         skipped_steps += skipped
         values = torch.stack([step_metrics[n] for n in METRIC_NAMES])  # (M,) on device
         if dist_info.world_size > 1:
@@ -167,8 +177,8 @@ def main(argv=None):
             metrics_log.write(record)
         if is_main and not args.no_save and (done == end_step or
                                              (args.save_every and done % args.save_every == 0)):
-            save_checkpoint(ckpt_path, raw_model, tokenizer_id,
-                            training.train_state(optimizer, scaler, done, args, run, device))
+            state = training.train_state(optimizer, scaler, done, args, run, device)
+            save_checkpoint(ckpt_path, raw_model, tokenizer_id, state)
 
     # ------------------------------------------------------------------------
     # 7. Save (done above at the last step) and show a few answers

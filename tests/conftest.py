@@ -10,7 +10,7 @@ import pytest
 
 import tokenizer
 import train_sft
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

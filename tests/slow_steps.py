@@ -1,20 +1,21 @@
 """A test helper, run under torchrun by tests/test_reliability.py: train_dpo.py with every
-optimizer step 50 ms slower (the same numbers), so that a rank killed after the first
-checkpoint is killed mid-run on any machine, however fast."""
+step 50 ms slower (the same numbers; the delay sits in the step's learning-rate look-up),
+so that a rank killed after the first checkpoint is killed mid-run on any machine,
+however fast."""
 
 import time
 
 import train_dpo
 import training
 
-real_optimizer_step = train_dpo.optimizer_step
+real_lr_at = training.lr_at
 
 
-def slow_optimizer_step(*args, **kwargs):
+def slow_lr_at(*args, **kwargs):
     time.sleep(0.05)
-    return real_optimizer_step(*args, **kwargs)
+    return real_lr_at(*args, **kwargs)
 
 
 if __name__ == "__main__":
-    train_dpo.optimizer_step = slow_optimizer_step
+    training.lr_at = slow_lr_at
     training.run(train_dpo.main)

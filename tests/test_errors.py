@@ -12,7 +12,7 @@ import pytest
 
 import train_dpo
 from conftest import QUIET, ROOT, SHAPE
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 from training import file_digest
 
 

@@ -12,7 +12,8 @@ import data
 import tokenizer
 import evaluate
 from conftest import ROOT
-from model import Transformer, make_config, save_checkpoint
+from checkpoint import save_checkpoint
+from model import Transformer, make_config
 
 
 @pytest.fixture(scope="module")

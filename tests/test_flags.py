@@ -15,7 +15,7 @@ import train_dpo
 import train_sft
 import training
 from conftest import ROOT, SHAPE, dpo_args, max_diff, sft_args, weights
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 from tokenizer import DEFAULT_TOKENIZER
 
 
@@ -332,7 +332,8 @@ def test_sample_flags_reach_the_sampler(tmp_path):
     random model, whose answers are long and varied."""
     import sample
     import tokenizer
-    from model import Transformer, make_config, save_checkpoint
+    from checkpoint import save_checkpoint
+    from model import Transformer, make_config
     torch.manual_seed(0)
     ckpt, model = tmp_path / "random.pt", Transformer(make_config(
         "tiny", vocab_size=1536, dim=32, n_layers=2, n_heads=4, n_kv_heads=2))

@@ -13,6 +13,7 @@ import train_dpo
 import training
 from conftest import dpo_args
 from errors import UserError
+from extras import precomputed_reference
 from model import ModelConfig, Transformer
 
 
@@ -73,10 +74,10 @@ def test_the_reference_cache_key_has_the_device_type(files, sft_ckpt):
     args = train_dpo.parse_args(dpo_args(files, "unused", sft_ckpt, "--precompute-ref"))
     run = {"sft_ckpt_sha256": "a", "data_sha256": "b", "tokenizer_sha256": "c"}
     config = ModelConfig()
-    keys = {t: train_dpo.reference_cache_key(args, run, config, True, t)
+    keys = {t: precomputed_reference.reference_cache_key(args, run, config, True, t)
             for t in ("cpu", "cuda")}
     assert keys["cpu"] != keys["cuda"] and len(keys["cpu"]) == 16
-    assert keys["cpu"] == train_dpo.reference_cache_key(args, run, config, True, "cpu")
+    assert keys["cpu"] == precomputed_reference.reference_cache_key(args, run, config, True, "cpu")
 
 
 def test_bco_delta_ignores_a_skipped_float16_step(files, sft_ckpt, tmp_path, monkeypatch):
@@ -96,7 +97,7 @@ def test_bco_delta_ignores_a_skipped_float16_step(files, sft_ckpt, tmp_path, mon
     train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "5", "--batch-size", "4",
                             "--loss", "bco_pair", "--dtype", "float16", "--log-every", "1",
                             "--val-data", ""))
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     ckpt = load_checkpoint(str(tmp_path / "dpo.pt"))
     assert math.isfinite(ckpt["train_state"]["dpo"]["bco_delta"])
     import json

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from loss import (LOSS_TYPES, ChosenRejected, ChunkedTokenLogps, concatenated_logps, dpo_loss,
-                  packed_logps, preference_metrics, sequence_logps)
+from extras.chunked_head import ChunkedTokenLogps
+from extras.packed import pack_pairs, packed_logps
+from loss import (LOSS_TYPES, ChosenRejected, concatenated_logps, dpo_loss, preference_metrics,
+                  sequence_logps)
 from model import ModelConfig, Transformer
 
 
@@ -269,7 +271,7 @@ def test_packed_pairs_give_the_padded_rows_logps_and_gradients(chunked_head):
     # a 1-token prompt, responses longer and shorter than each other, a chosen mask with a 0
     items = random_pairs(2, [(1, 6, 2), (9, 2, 11), (4, 4, 4), (3, 12, 1)])
     ids, mask = data.collate_pairs(items, pad_id=39)
-    packed = data.pack_pairs(items)
+    packed = pack_pairs(items)
     assert len(packed.ids) == sum(len(x["prompt"]) + len(x["chosen"]) + len(x["rejected"])
                                   for x in items) < ids.numel()  # each token once, no pads
     results = []

@@ -17,8 +17,9 @@ import tokenizer
 import train_dpo
 import train_sft
 from conftest import QUIET, ROOT, SHAPE, max_diff, sft_args, torchrun, weights
-from model import (ModelConfig, MoEFeedForward, Transformer, load_checkpoint, make_config,
-                   model_from_checkpoint)
+from checkpoint import load_checkpoint, model_from_checkpoint
+from extras.moe import MoEFeedForward
+from model import ModelConfig, Transformer, make_config
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "minimind")
 CASES = torch.load(os.path.join(FIXTURES, "cases.pt"), weights_only=True)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from loss import sequence_logps
-from model import (ModelConfig, Transformer, apply_rope, load_checkpoint, make_config,
-                   model_from_checkpoint, rope_tables, save_checkpoint)
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import ModelConfig, Transformer, apply_rope, make_config, rope_tables
 
 SMALL = {  # the presets' head layouts at small widths, so the tests take seconds
     "tiny": dict(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, max_seq_len=64),

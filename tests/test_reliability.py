@@ -21,7 +21,8 @@ import train_dpo
 import train_sft
 from conftest import ROOT, dpo_args, max_diff, sft_args, torchrun, weights
 from errors import UserError
-from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from model import ModelConfig, Transformer
 
 
 def read_metrics(path):
@@ -359,7 +360,7 @@ def test_a_checkpoints_config_is_checked_before_any_tensor_is_allocated(tmp_path
     ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
     ckpt["config"].update(change)
     torch.save(ckpt, tmp_path / "bad.pt")
-    from model import model_from_checkpoint
+    from checkpoint import model_from_checkpoint
     tracemalloc.start()
     with pytest.raises(UserError, match=words):
         model_from_checkpoint(load_checkpoint(str(tmp_path / "bad.pt")), str(tmp_path / "bad.pt"))

@@ -17,7 +17,8 @@ import train_dpo
 import train_sft
 import training
 from conftest import ROOT, dpo_args, max_diff, sft_args, torchrun, weights
-from model import ModelConfig, Transformer, load_checkpoint, optimizer_step
+from checkpoint import load_checkpoint
+from model import ModelConfig, Transformer
 
 def test_sft_two_processes_equal_one_process_with_double_batch(files, tmp_path):
     train_sft.main(sft_args(files, tmp_path / "one", "--steps", "5", "--batch-size", "8"))
@@ -102,31 +103,38 @@ def test_precomputed_reference_equals_on_the_fly_and_frees_the_model(files, sft_
     assert max_diff(fly, pre) < 1e-5
 
 
-def test_optimizer_step_skips_and_counts_non_finite_gradients():
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=20, dim=16, n_layers=1, n_heads=2,
-                                    n_kv_heads=1, max_seq_len=16))
-    x = torch.randint(0, 20, (2, 8))
-    for dtype in ("float16", "float32"):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        scaler = training.make_scaler(torch.device("cpu"), dtype)
-        with training.autocast(torch.device("cpu"), dtype):
-            loss = model(x).float().logsumexp(-1).mean()
-        scaler.scale(loss).backward()
-        model.norm.weight.grad[0] = float("inf")  # injected
-        before = [p.detach().clone() for p in model.parameters()]
-        scale = scaler.get_scale() if scaler.is_enabled() else None
-        grad_norm, skipped = optimizer_step(model, optimizer, scaler, 1.0)
-        assert skipped and not math.isfinite(grad_norm)
-        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
-        if scale is not None:
-            assert scaler.get_scale() < scale  # the scaler backs off
-        with training.autocast(torch.device("cpu"), dtype):  # training continues
-            loss = model(x).float().logsumexp(-1).mean()
-        scaler.scale(loss).backward()
-        grad_norm, skipped = optimizer_step(model, optimizer, scaler, 1.0)
-        assert not skipped and math.isfinite(grad_norm)
-        assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_step_with_non_finite_gradients_is_skipped_and_counted(files, tmp_path, monkeypatch,
+                                                                 dtype):
+    """The loop's AMP step (train_sft.py, section 6): the gradients of step 2 made infinite,
+    its loss finite. That step changes no weight and is counted; the next one trains; with
+    float16 the GradScaler halves its scale."""
+    real, calls = train_sft.response_logps, []
+
+    def infinite_gradients_at_step_2(*args, **kwargs):
+        logps, n_tokens = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            logps.register_hook(lambda grad: grad * float("inf"))
+        return logps, n_tokens
+
+    common = ["--steps", "3", "--batch-size", "8", "--dtype", dtype, "--log-every", "1",
+              "--val-data", ""]
+    train_sft.main(sft_args(files, tmp_path / "one", *common, "--stop-after", "1"))
+    monkeypatch.setattr(train_sft, "response_logps", infinite_gradients_at_step_2)
+    train_sft.main(sft_args(files, tmp_path / "two", *common, "--stop-after", "2"))
+    calls.clear()
+    train_sft.main(sft_args(files, tmp_path / "three", *common))
+    one, two = load_checkpoint(str(tmp_path / "one/sft.pt")), load_checkpoint(
+        str(tmp_path / "two/sft.pt"))
+    assert max_diff(one["model"], two["model"]) == 0  # step 2 was not applied
+    assert max_diff(one["model"], weights(tmp_path / "three/sft.pt")) > 0  # step 3 was
+    with open(tmp_path / "three/sft/metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1]
+    assert not math.isfinite(records[1]["grad_norm"]) and math.isfinite(records[2]["grad_norm"])
+    if dtype == "float16":
+        assert two["train_state"]["scaler"]["scale"] == one["train_state"]["scaler"]["scale"] / 2
 
 
 def test_float16_dpo_runs_and_counts_skips(files, sft_ckpt, tmp_path, monkeypatch):

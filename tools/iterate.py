@@ -40,7 +40,7 @@ import training
 from errors import ArgumentParser, UserError, run_main
 from evaluate import answer_logps, judge_answers, kl_estimate, summarize, win_rate
 from loss import TINYCHAT_BETA
-from model import atomic_write
+from checkpoint import atomic_write
 from sample import eval_prompts, load_model
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

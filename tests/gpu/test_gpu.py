@@ -14,7 +14,8 @@ import train_dpo
 import train_sft
 import training
 from conftest import ROOT, dpo_args, max_diff, sft_args, weights
-from model import Transformer, load_checkpoint, make_config, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from model import Transformer, make_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA GPU here: the GPU tier runs where "
