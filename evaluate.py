@@ -23,6 +23,8 @@ import torch
 from tqdm import tqdm
 
 import data
+import devices
+import formats
 import tasks
 import tokenizer
 import training
@@ -260,7 +262,7 @@ def main():
                         "cpu, cuda or cuda:N")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
-    args.device = training.choose_device(args.device, False, 0, 1, torch.cuda.device_count())
+    args.device = devices.choose_device(args.device, False, 0, 1, torch.cuda.device_count())
 
     enc = tokenizer.load_tokenizer(args.tokenizer)
     ref_path = args.ref or args.ckpt[0]
@@ -275,7 +277,7 @@ def main():
         for model in [reference, *models.values()]:
             training.check_max_len(args.max_len, model.config)
         dataset = data.PreferenceDataset(args.pairs, enc, args.max_len, args.max_prompt_len)
-        records = [r for r, _ in data.read_records(args.pairs)]
+        records = [r for r, _ in formats.read_records(args.pairs)]
         groups = None  # TinyChat's pairs name their flaw: split the shifts by it
         aligned = len(records) == len(dataset)  # no record dropped: record i is pair i
         if aligned and all(isinstance(r, dict) and "flaw" in r

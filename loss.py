@@ -161,7 +161,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     pi_logratios = policy_chosen_logps - policy_rejected_logps
     ref_logratios = reference_chosen_logps - reference_rejected_logps
     h = pi_logratios - ref_logratios  # h_{pi_theta}^{y_w, y_l} in the paper, (B,)
-    # each answer's log-ratio against the reference: its implicit reward / beta
+    # each answer's gain over the reference, log pi(y|x) - log pi_ref(y|x): its reward / beta
     r_w = policy_chosen_logps - reference_chosen_logps  # (B,)
     r_l = policy_rejected_logps - reference_rejected_logps  # (B,)
 
@@ -169,7 +169,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         losses = -F.logsigmoid(beta * h)  # Eq. 7
         if label_smoothing > 0:  # conservative DPO: a share eps of the labels is flipped
             losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * h)
-    else:  # ipo, on per-token averages: h_avg = h with each log-ratio / its length
+    else:  # ipo, on per-token averages: h_avg = h with each gain / its answer's length
         losses = (r_w / chosen_n_tokens - r_l / rejected_n_tokens - 1 / (2 * beta)) ** 2
     return losses, beta * r_w.detach(), beta * r_l.detach()
 

@@ -11,9 +11,9 @@ import os
 import torch
 
 import data
+import devices
 import tasks
 import tokenizer
-import training
 from errors import ArgumentParser, run_main
 from checkpoint import check_tokenizer, load_checkpoint, model_from_checkpoint
 
@@ -141,7 +141,7 @@ def main():
     parser.add_argument("--device", default="auto", help="auto (the GPU if there is one), "
                         "cpu, cuda or cuda:N")
     args = parser.parse_args()
-    args.device = training.choose_device(args.device, False, 0, 1, torch.cuda.device_count())
+    args.device = devices.choose_device(args.device, False, 0, 1, torch.cuda.device_count())
 
     enc = tokenizer.load_tokenizer(args.tokenizer)
     models = {args.ckpt: load_model(args.ckpt, args.tokenizer, args.device)}

@@ -12,7 +12,7 @@ Train a tokenizer on your own data (every string of every record is used):
     python tokenizer.py --files my_sft.jsonl my_pairs.jsonl --vocab-size 6400 --out my.tiktoken
 
 A MiniMind (Hugging Face byte-level BPE) tokenizer.json converts to the same format
-(`convert_hf_tokenizer`, run by `python convert.py --from-minimind ...`): its ranks
+(`convert_hf_tokenizer`, run by `python -m tools.convert --from-minimind ...`): its ranks
 go in the .tiktoken file, and its special tokens, pre-split pattern and chat
 template in a small `.tiktoken.json` sidecar beside it.
 """

@@ -10,12 +10,9 @@ Run:  python train_sft.py && torchrun --standalone --nproc_per_node=2 train_dpo.
 """
 
 import argparse
-import copy
-import dataclasses
 import functools
 import math
 import os
-import shlex
 import time
 from contextlib import nullcontext
 
@@ -23,16 +20,16 @@ import torch
 from tqdm import tqdm
 
 import data
+import devices
 import tokenizer
-import train_sft
 import training
-from checkpoint import check_tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import save_checkpoint
 from errors import ArgumentParser, UserError
 from extras import losses, packed, precomputed_reference, variant_state
 from loss import (LOSS_TYPES, METRIC_NAMES, PAPER_BETA, REFERENCE_FREE_LOSSES, SMOOTHED_LOSSES,
                   TINYCHAT_BETA, ChosenRejected, choose_beta, concatenated_logps, dpo_loss,
                   preference_metrics)
-from model import Transformer, add_model_args, config_from_args
+from model import add_model_args
 from sample import show_samples
 
 STAGE = "dpo"
@@ -125,10 +122,10 @@ def main(argv=None):
     if args.sft_ckpt is None:
         args.sft_ckpt = os.path.join(args.out_dir, "sft.pt")
         if not os.path.exists(args.sft_ckpt):
-            sft_stage_first(args, log)
+            training.sft_stage_first(args, log)
     training.seed_everything(args.seed)
     ctx = training.autocast(device, args.dtype)
-    training.warn_if_bf16_is_emulated(device, args.dtype, log)
+    devices.warn_if_bf16_is_emulated(device, args.dtype, log)
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
 
     # ------------------------------------------------------------------------
@@ -152,11 +149,11 @@ def main(argv=None):
     # ------------------------------------------------------------------------
     # 4. Model (and, with --resume, the weights of the last checkpoint)
     # DPO: the policy starts from the SFT weights; the reference is a frozen copy of them.
-    model = policy_from_sft(args, enc.n_vocab, tokenizer_id)
+    model = training.policy_from_sft(args, enc.n_vocab, tokenizer_id)
     model.to(device)
     reference = None
     if not args.reference_free and args.loss not in REFERENCE_FREE_LOSSES:
-        reference = reference_model(args, model, tokenizer_id, device)  # never in DDP
+        reference = training.reference_model(args, model, tokenizer_id, device)  # no DDP
     run = training.run_identity(args, RUN_KEYS, dist_info.world_size, model.config)
     resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
     training.check_max_len(args.max_len, model.config)
@@ -275,7 +272,7 @@ def main(argv=None):
     elapsed = time.time() - t0
     log(f"done: {end_step - start_step} steps in {elapsed:.1f}s, {skipped_steps} skipped; "
         f"{pairs_seen / max(elapsed, 1e-9):.2f} pairs/s, {tokens_seen / max(elapsed, 1e-9):.0f} "
-        f"tokens/s" + training.peak_gpu_memory(device)
+        f"tokens/s" + devices.peak_gpu_memory(device)
         + ("" if args.no_save else f"; saved {ckpt_path}"))
     if is_main and args.samples:
         show_samples(raw_model, enc, args.samples, device, args.data, args.val_data, pairs=True)
@@ -307,50 +304,7 @@ def evaluate(model, reference, ref_table, dataset, loss_fn, args, ctx, dist_info
     return {f"val/{name}": totals[j] / totals[-1] for j, name in enumerate(METRIC_NAMES)}
 
 # ----------------------------------------------------------------------------
-# DPO: the policy, the reference, the pairs' batches and their log-probs
-
-
-def policy_from_sft(args, vocab_size, tokenizer_id):
-    """The policy at step 0: the SFT checkpoint, or with --sft-ckpt '' a fresh model shaped
-    by the model flags (for timing runs). Dropout is off in DPO, for policy and reference."""
-    if not args.sft_ckpt:
-        return Transformer(dataclasses.replace(config_from_args(args, vocab_size), dropout=0.0))
-    sft = load_checkpoint(args.sft_ckpt)
-    check_tokenizer(sft, tokenizer_id, args.sft_ckpt)
-    sft["config"]["dropout"] = 0.0
-    return model_from_checkpoint(sft, args.sft_ckpt)
-
-
-def reference_model(args, policy, tokenizer_id, device):
-    """The frozen reference: a copy of the policy at step 0 (the SFT model), or the
-    --ref-ckpt model; no dropout, no gradients."""
-    if not args.ref_ckpt:
-        return copy.deepcopy(policy).eval().requires_grad_(False)
-    ckpt = load_checkpoint(args.ref_ckpt)
-    check_tokenizer(ckpt, tokenizer_id, args.ref_ckpt)
-    ckpt["config"]["dropout"] = 0.0
-    reference = model_from_checkpoint(ckpt, args.ref_ckpt).to(device)
-    if reference.config != policy.config:
-        raise UserError(f"--ref-ckpt {args.ref_ckpt}: its model shape differs from the policy's "
-                        f"({reference.config} vs {policy.config})")
-    return reference.eval().requires_grad_(False)
-
-
-def sft_stage_first(args, log):
-    """No SFT checkpoint at the default path: on TinyChat's data, train one now, the same
-    code as `train_sft.py --out-dir OUT_DIR` under the same launcher (torchrun or not);
-    on other data, say how (its SFT data is the user's to name)."""
-    if not (data.is_tinychat(args.data) and args.tokenizer == tokenizer.DEFAULT_TOKENIZER):
-        raise UserError(f"no SFT checkpoint at {args.sft_ckpt}: train one on your own SFT data "
-                        f"first (python train_sft.py --data SFT.jsonl --out-dir {args.out_dir}),"
-                        " or pass --sft-ckpt PATH")
-    sft_argv = ["--out-dir", args.out_dir, "--device", args.device, "--seed", str(args.seed),
-                *(["--quiet"] if args.quiet else []), *shlex.split(args.sft_flags)]
-    log(f"no SFT checkpoint at {args.sft_ckpt}: training it first, as train_sft.py "
-        f"{' '.join(sft_argv)}")
-    train_sft.main(sft_argv)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every rank waits for rank 0's sft.pt
+# DPO: the pairs' batches and their log-probs (the policy and reference: training.py)
 
 
 def pair_batch(dataset, idx, args, device):

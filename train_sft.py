@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import devices
 import tokenizer
 import training
 from errors import ArgumentParser, UserError
@@ -68,7 +69,7 @@ def main(argv=None):
     log = print if is_main else (lambda *a, **k: None)
     training.seed_everything(args.seed)
     ctx = training.autocast(device, args.dtype)
-    training.warn_if_bf16_is_emulated(device, args.dtype, log)
+    devices.warn_if_bf16_is_emulated(device, args.dtype, log)
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
 
     # ------------------------------------------------------------------------
@@ -185,7 +186,7 @@ def main(argv=None):
     elapsed = time.time() - t0
     log(f"done: {end_step - start_step} steps in {elapsed:.1f}s, {skipped_steps} skipped; "
         f"{tokens_seen / max(elapsed, 1e-9):.0f} tokens/s"
-        + training.peak_gpu_memory(device)
+        + devices.peak_gpu_memory(device)
         + ("" if args.no_save else f"; saved {ckpt_path}"))
     if is_main and args.samples:
         show_samples(raw_model, enc, args.samples, device, args.data, args.val_data)

@@ -7,12 +7,15 @@ Not run directly; see train_sft.py and train_dpo.py.
 """
 
 import argparse
+import copy
+import dataclasses
 import hashlib
 import importlib
 import math
 import json
 import os
 import random
+import shlex
 import signal
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -21,8 +24,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import check_tokenizer, load_checkpoint
+import data
+import devices
+import tokenizer
+from checkpoint import check_tokenizer, load_checkpoint, model_from_checkpoint
 from errors import UserError, run_main
+from model import Transformer, config_from_args
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,7 +65,7 @@ def add_training_args(parser, defaults):
       help="stop (and save) after N steps of this run; the schedule still spans the whole "
       "run, so a later --resume continues it (for time-limited jobs)")
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
-    a("--chunked-head", action="store_true", help="log-probs through loss.ChunkedTokenLogps: "
+    a("--chunked-head", action="store_true", help="log-probs through extras/chunked_head.py: "
       "same numbers, no (N, V) logits tensor: for large vocabularies")
     a("--no-save", action="store_true", help="write no checkpoint (for timing runs)")
     a("--skip-invalid", action="store_true", help="skip bad data records (counted) instead "
@@ -80,41 +87,6 @@ class Dist:
         return self.rank == 0
 
 
-def choose_device(requested, under_torchrun, local_rank, local_world_size, n_gpus):
-    """The device this process trains on, as a string, from --device and the launch; a
-    UserError where it cannot work. A pure function: every case is tested on CPU.
-
-        >>> choose_device("auto", False, 0, 1, 0), choose_device("auto", False, 0, 1, 2)
-        ('cpu', 'cuda:0')
-        >>> choose_device("cuda", True, 1, 2, 2), choose_device("cuda:1", False, 0, 1, 2)
-        ('cuda:1', 'cuda:1')
-    """
-    if requested == "auto":
-        requested = "cuda" if n_gpus else "cpu"
-    if requested == "cpu":
-        return "cpu"
-    if requested != "cuda" and not (requested.startswith("cuda:")
-                                    and requested[5:].isdigit()):
-        raise UserError(f"--device {requested}: use auto, cpu, cuda or cuda:N")
-    if n_gpus == 0:
-        raise UserError(f"--device {requested}, but no CUDA GPU is visible (--device cpu?)")
-    if under_torchrun:
-        if requested != "cuda" and local_world_size > 1:
-            raise UserError(f"--device {requested} under torchrun: each of the "
-                            f"{local_world_size} processes of a machine takes its own GPU "
-                            "(cuda:LOCAL_RANK); pass --device cuda")
-        index = local_rank if requested == "cuda" else int(requested[5:])
-        if index >= n_gpus:
-            raise UserError(f"torchrun started {local_world_size} processes on this machine "
-                            f"but {n_gpus} GPU(s) are visible: use --nproc_per_node "
-                            f"{n_gpus} (or --device cpu)")
-        return f"cuda:{index}"
-    index = 0 if requested == "cuda" else int(requested[5:])
-    if index >= n_gpus:
-        raise UserError(f"--device {requested}, but {n_gpus} GPU(s) are visible")
-    return f"cuda:{index}"
-
-
 def setup_distributed(device="auto"):
     """Start torch.distributed when launched by torchrun (RANK is set): NCCL on CUDA, gloo on
     CPU. Plain `python script.py` gets world_size 1 and the same code path."""
@@ -123,7 +95,7 @@ def setup_distributed(device="auto"):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    device = choose_device(device, ddp, local_rank, local_world_size,
+    device = devices.choose_device(device, ddp, local_rank, local_world_size,
                            torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
@@ -219,40 +191,11 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def peak_gpu_memory(device):
-    """", peak GPU memory N MiB" (torch.cuda.max_memory_allocated) on a GPU, else ""."""
-    if device.type != "cuda":
-        return ""
-    return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB"
-
-
 def autocast(device, dtype_name):
     """torch.autocast for bfloat16/float16 on CPU or CUDA; nothing for float32."""
     if dtype_name == "float32":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype_name])
-
-
-CPUINFO = "/proc/cpuinfo"
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 and AMX; Arm BF16
-
-
-def cpu_has_bf16():
-    """Whether this CPU multiplies bfloat16 in hardware, read off the flags in CPUINFO;
-    None where there is no such file (not Linux)."""
-    if not os.path.exists(CPUINFO):
-        return None
-    with open(CPUINFO) as f:
-        words = set(f.read().split())
-    return any(flag in words for flag in CPU_BF16_FLAGS)
-
-
-def warn_if_bf16_is_emulated(device, dtype_name, log):
-    """Say at start-up when --dtype bfloat16 will be slower than float32: on a CPU without
-    bf16 instructions, PyTorch emulates them."""
-    if device.type == "cpu" and dtype_name == "bfloat16" and cpu_has_bf16() is False:
-        log("warning: this CPU has no bfloat16 instructions (AVX512-BF16, AMX or Arm BF16): "
-            "--dtype bfloat16 is emulated here and will be slower than float32")
 
 
 def make_scaler(device, dtype_name):
@@ -335,6 +278,53 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
             if self.wandb_run is not None:
                 self.wandb_run.log(record, step=record["step"])
+
+
+# DPO: the policy and the reference
+
+
+def policy_from_sft(args, vocab_size, tokenizer_id):
+    """The policy at step 0: the SFT checkpoint, or with --sft-ckpt '' a fresh model shaped
+    by the model flags (for timing runs). Dropout is off in DPO, for policy and reference."""
+    if not args.sft_ckpt:
+        return Transformer(dataclasses.replace(config_from_args(args, vocab_size), dropout=0.0))
+    sft = load_checkpoint(args.sft_ckpt)
+    check_tokenizer(sft, tokenizer_id, args.sft_ckpt)
+    sft["config"]["dropout"] = 0.0
+    return model_from_checkpoint(sft, args.sft_ckpt)
+
+
+def reference_model(args, policy, tokenizer_id, device):
+    """The frozen reference: a copy of the policy at step 0 (the SFT model), or the
+    --ref-ckpt model; no dropout, no gradients."""
+    if not args.ref_ckpt:
+        return copy.deepcopy(policy).eval().requires_grad_(False)
+    ckpt = load_checkpoint(args.ref_ckpt)
+    check_tokenizer(ckpt, tokenizer_id, args.ref_ckpt)
+    ckpt["config"]["dropout"] = 0.0
+    reference = model_from_checkpoint(ckpt, args.ref_ckpt).to(device)
+    if reference.config != policy.config:
+        raise UserError(f"--ref-ckpt {args.ref_ckpt}: its model shape differs from the policy's "
+                        f"({reference.config} vs {policy.config})")
+    return reference.eval().requires_grad_(False)
+
+
+def sft_stage_first(args, log):
+    """No SFT checkpoint at the default path: on TinyChat's data, train one now, the same
+    code as `train_sft.py --out-dir OUT_DIR` under the same launcher (torchrun or not);
+    on other data, say how (its SFT data is the user's to name)."""
+    if not (data.is_tinychat(args.data) and args.tokenizer == tokenizer.DEFAULT_TOKENIZER):
+        raise UserError(f"no SFT checkpoint at {args.sft_ckpt}: train one on your own SFT data "
+                        f"first (python train_sft.py --data SFT.jsonl --out-dir {args.out_dir}),"
+                        " or pass --sft-ckpt PATH")
+    sft_argv = ["--out-dir", args.out_dir, "--device", args.device, "--seed", str(args.seed),
+                *(["--quiet"] if args.quiet else []), *shlex.split(args.sft_flags)]
+    log(f"no SFT checkpoint at {args.sft_ckpt}: training it first, as train_sft.py "
+        f"{' '.join(sft_argv)}")
+    import train_sft  # the SFT stage's own script (it imports this module)
+    train_sft.main(sft_argv)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank waits for rank 0's sft.pt
 
 
 # Optimizer and learning-rate schedule

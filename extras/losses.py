@@ -7,8 +7,9 @@ loss.LOSSES takes in (`--loss NAME`). Every one is called as loss.dpo_loss calls
        dpop_lambda=..., simpo_gamma=..., rdpo_alpha=..., bco_delta=...)
        -> (losses (B,), chosen_rewards (B,), rejected_rewards (B,))
 
-All log-probs are (B,) SUMS over response tokens. With r_w and r_l the log-ratios
-log pi(y|x) - log pi_ref(y|x) of the chosen and rejected answers, h = r_w - r_l, avg(.) a
+All log-probs are (B,) SUMS over response tokens. With r_w and r_l the gains
+log pi(y|x) - log pi_ref(y|x) of the chosen and rejected answers over the reference, h =
+r_w - r_l (loss.dpo_loss's pi_logratios - ref_logratios, the same number), avg(.) a
 log-prob divided by its answer's token count and |y| that count. The rewards are the
 implicit ones, beta r (detached), except for simpo and orpo, which have no reference and
 log beta avg(log pi(y|x)), the quantity their losses compare (SimPO's Eq. 4; TRL logs the
@@ -45,7 +46,7 @@ def variant(fn):
     return fn
 
 
-def log_ratios(pw, pl, rw, rl):
+def gains(pw, pl, rw, rl):
     """(r_w, r_l, h) from the policy's and reference's summed log-probs; h as loss.dpo_loss
     computes it, (pi's chosen - rejected) - (pi_ref's), to the last bit."""
     r_w, r_l = pw - rw, pl - rl  # (B,) each
@@ -62,7 +63,7 @@ def robust(pw, pl, rw, rl, beta, label_smoothing=0.0, chosen_n_tokens=None,
     """[-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps): an unbiased
     loss under a share eps of flipped labels (Chowdhury et al. 2024, arXiv:2403.00409;
     eps = label_smoothing)."""
-    r_w, r_l, h = log_ratios(pw, pl, rw, rl)
+    r_w, r_l, h = gains(pw, pl, rw, rl)
     eps = label_smoothing
     losses = ((1 - eps) * -F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
     return losses, *implicit_rewards(beta, r_w, r_l)
@@ -73,16 +74,16 @@ def hinge(pw, pl, rw, rl, beta, label_smoothing=0.0, chosen_n_tokens=None,
           rejected_n_tokens=None, **options):
     """max(0, 1 - beta h) (SLiC-HF, Zhao et al. 2023, arXiv:2305.10425; RSO, Liu et al.
     2023, arXiv:2309.06657)."""
-    r_w, r_l, h = log_ratios(pw, pl, rw, rl)
+    r_w, r_l, h = gains(pw, pl, rw, rl)
     return torch.relu(1 - beta * h), *implicit_rewards(beta, r_w, r_l)
 
 
 @variant
 def norm(pw, pl, rw, rl, beta, label_smoothing=0.0, chosen_n_tokens=None,
          rejected_n_tokens=None, **options):
-    """-log sigma(beta h_avg), h_avg from per-token averaged log-ratios: length-normalised
+    """-log sigma(beta h_avg), h_avg from per-token averaged gains: length-normalised
     DPO (Tulu 3, Lambert et al. 2024, arXiv:2411.15124)."""
-    r_w, r_l, _ = log_ratios(pw, pl, rw, rl)
+    r_w, r_l, _ = gains(pw, pl, rw, rl)
     losses = -F.logsigmoid(beta * (r_w / chosen_n_tokens - r_l / rejected_n_tokens))
     return losses, *implicit_rewards(beta, r_w, r_l)
 
@@ -107,7 +108,7 @@ def dpop(pw, pl, rw, rl, beta, label_smoothing=0.0, chosen_n_tokens=None,
         >>> round(math.log(1 + math.exp(-0.4)), 5), round(math.log(1 + math.exp(-0.9)), 5)
         (0.51302, 0.34115)
     """
-    r_w, r_l, h = log_ratios(pw, pl, rw, rl)
+    r_w, r_l, h = gains(pw, pl, rw, rl)
     losses = -F.logsigmoid(beta * (h - dpop_lambda * torch.relu(-r_w)))
     return losses, *implicit_rewards(beta, r_w, r_l)
 
@@ -144,7 +145,7 @@ def rdpo(pw, pl, rw, rl, beta, label_smoothing=0.0, chosen_n_tokens=None,
         >>> round(losses.item(), 5), round(math.log(1 + math.exp(-2.0)), 5)
         (0.12693, 0.12693)
     """
-    r_w, r_l, h = log_ratios(pw, pl, rw, rl)
+    r_w, r_l, h = gains(pw, pl, rw, rl)
     losses = -F.logsigmoid(beta * h + rdpo_alpha * (chosen_n_tokens - rejected_n_tokens))
     return losses, *implicit_rewards(beta, r_w, r_l)  # + above: Park et al.'s Eq. 9
 
@@ -155,7 +156,7 @@ def bco_pair(pw, pl, rw, rl, beta, label_smoothing=0.0, chosen_n_tokens=None,
     """-log sigma(beta r_w - delta) - log sigma(-(beta r_l - delta)), delta a running mean
     of the rewards, kept by the trainer (extras/variant_state.py; Jung et al. 2024,
     arXiv:2404.04656)."""
-    r_w, r_l, _ = log_ratios(pw, pl, rw, rl)
+    r_w, r_l, _ = gains(pw, pl, rw, rl)
     losses = -F.logsigmoid(beta * r_w - bco_delta) - F.logsigmoid(-(beta * r_l - bco_delta))
     return losses, *implicit_rewards(beta, r_w, r_l)
 
@@ -165,7 +166,7 @@ def nca_pair(pw, pl, rw, rl, beta, label_smoothing=0.0, chosen_n_tokens=None,
              rejected_n_tokens=None, **options):
     """-log sigma(beta r_w) - 1/2 log sigma(-beta r_w) - 1/2 log sigma(-beta r_l) (Chen et
     al. 2024, arXiv:2402.05369)."""
-    r_w, r_l, _ = log_ratios(pw, pl, rw, rl)
+    r_w, r_l, _ = gains(pw, pl, rw, rl)
     losses = (-F.logsigmoid(beta * r_w) - 0.5 * F.logsigmoid(-beta * r_w)
               - 0.5 * F.logsigmoid(-beta * r_l))
     return losses, *implicit_rewards(beta, r_w, r_l)
@@ -176,7 +177,7 @@ def apo_zero(pw, pl, rw, rl, beta, label_smoothing=0.0, chosen_n_tokens=None,
              rejected_n_tokens=None, **options):
     """(1 - sigma(beta r_w)) + sigma(beta r_l): chosen up, rejected down, each on its own
     (D'Oosterlinck et al. 2024, arXiv:2408.06266)."""
-    r_w, r_l, _ = log_ratios(pw, pl, rw, rl)
+    r_w, r_l, _ = gains(pw, pl, rw, rl)
     losses = (1 - torch.sigmoid(beta * r_w)) + torch.sigmoid(beta * r_l)
     return losses, *implicit_rewards(beta, r_w, r_l)
 
@@ -185,7 +186,7 @@ def apo_zero(pw, pl, rw, rl, beta, label_smoothing=0.0, chosen_n_tokens=None,
 def sppo_hard(pw, pl, rw, rl, beta, label_smoothing=0.0, chosen_n_tokens=None,
               rejected_n_tokens=None, **options):
     """(r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2 (Wu et al. 2024, arXiv:2405.00675)."""
-    r_w, r_l, _ = log_ratios(pw, pl, rw, rl)
+    r_w, r_l, _ = gains(pw, pl, rw, rl)
     losses = (r_w - 1 / (2 * beta)) ** 2 + (r_l + 1 / (2 * beta)) ** 2
     return losses, *implicit_rewards(beta, r_w, r_l)
 

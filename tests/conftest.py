@@ -61,6 +61,14 @@ def files(tmp_path_factory):
     return paths
 
 
+def command(script):
+    """How a user runs a script: `python train_dpo.py`, or `python -m tools.sweep` for
+    tools/sweep.py (from the repository root)."""
+    if script.startswith("tools/"):
+        return [sys.executable, "-m", "tools." + os.path.basename(script)[:-3]]
+    return [sys.executable, os.path.join(ROOT, script)]
+
+
 def sft_args(files, out, *extra):
     return ["--data", files["sft_train"], "--val-data", files["sft_val"], "--out-dir", str(out),
             "--lr", "3e-3", "--warmup-steps", "2", *SHAPE, *QUIET, *CPU, *extra]
@@ -94,3 +102,24 @@ def sft_ckpt(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
     train_sft.main(sft_args(files, out, "--steps", "12", "--batch-size", "16"))
     return out / "sft.pt"
+
+
+# The quick tier, `pytest -m "not slow"` (under 30 s): the maths, the data, the model and
+# the tokenizer, for someone changing the core. A test is slow when it trains (it takes
+# the data slices or a trained checkpoint) or runs the scripts end to end.
+SLOW_FIXTURES = {"files", "sft_ckpt", "checkpoints", "stand_in_judge"}
+SLOW_MODULES = {"test_bench", "test_errors", "test_evaluate", "test_iterate", "test_minimind",
+                "test_plot", "test_reliability", "test_tools", "test_wandb"}
+SLOW_TESTS = {"test_sample_flags_reach_the_sampler",
+              "test_fast_trainer_learns_the_naive_trainers_merges",
+              "test_kv_cache_greedy_equals_full_reforward", "test_tasks_py_reproduces_shipped_data",
+              "test_the_chunked_head_does_not_recompile_for_every_length",
+              "test_generate_stops_at_stop_id_and_batches_rows"}  # seconds each
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (item.module.__name__.split(".")[-1] in SLOW_MODULES
+                or item.originalname in SLOW_TESTS
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.slow)

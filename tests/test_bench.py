@@ -2,12 +2,11 @@
 figures themselves are not asserted: speed is measured, never tested)."""
 
 import json
-import os
 import subprocess
 import sys
 
-import bench
 from conftest import ROOT, SHAPE
+from tools import bench
 
 TINY = ["--max-len", "128", "--max-prompt-len", "48", *SHAPE]
 
@@ -15,7 +14,7 @@ TINY = ["--max-len", "128", "--max-prompt-len", "48", *SHAPE]
 def test_bench_times_its_rows_on_both_sets(tmp_path):
     result = tmp_path / "readings.json"
     rows = ["naive", "packed-bf16"]
-    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--k1", "1", "--k2", "2",
+    cmd = [sys.executable, "-m", "tools.bench", "--k1", "1", "--k2", "2",
            "--sets", "tinychat", "synthetic", "--rows", *rows, "--batch-size", "4",
            "--pairs", "24", "--work-dir", str(tmp_path), "--json", str(result),
            "--extra", *TINY]
@@ -44,7 +43,7 @@ def test_synthetic_pairs_are_english_words_in_minimind_tokens(tmp_path):
 
 
 def test_naive_trainer_runs_under_the_dpo_flags(files, tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "naive", *bench.TIMING, "--steps",
+    cmd = [sys.executable, "-m", "tools.bench", "naive", *bench.TIMING, "--steps",
            "2", "--data", files["pairs_train"], "--batch-size", "4", *TINY,
            "--out-dir", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -54,7 +53,7 @@ def test_naive_trainer_runs_under_the_dpo_flags(files, tmp_path):
 
 def test_bench_repeat_gives_a_reading_per_round(tmp_path):
     result = tmp_path / "readings.json"
-    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--sets", "synthetic", "--rows",
+    cmd = [sys.executable, "-m", "tools.bench", "--sets", "synthetic", "--rows",
            "packed", "--repeat", "2", "--k1", "1", "--k2", "2", "--batch-size", "4",
            "--pairs", "24", "--work-dir", str(tmp_path), "--json", str(result), "--extra", *TINY]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -87,7 +86,7 @@ def test_minimind_row_runs_minimind_trainer_on_the_synthetic_pairs(tmp_path):
     python = tmp_path / "python"  # --minimind-python: MiniMind's own environment
     python.write_text(f"#!/bin/sh\necho run >> {tmp_path / 'ran'}\nexec {sys.executable} \"$@\"\n")
     python.chmod(0o755)
-    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--sets", "tinychat", "synthetic",
+    cmd = [sys.executable, "-m", "tools.bench", "--sets", "tinychat", "synthetic",
            "--rows", "minimind", "--k1", "1", "--k2", "3", "--batch-size", "4", "--pairs", "24",
            "--work-dir", str(tmp_path / "work"), "--minimind", str(checkout),
            "--minimind-python", str(python)]
@@ -107,6 +106,6 @@ def test_minimind_row_runs_minimind_trainer_on_the_synthetic_pairs(tmp_path):
 
 
 def test_minimind_row_needs_a_checkout():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--rows", "minimind"],
+    out = subprocess.run([sys.executable, "-m", "tools.bench", "--rows", "minimind"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 2 and "--minimind DIR" in out.stderr

@@ -11,13 +11,15 @@ import sys
 import pytest
 
 import train_dpo
-from conftest import QUIET, ROOT, SHAPE
+from conftest import QUIET, ROOT, SHAPE, command
 from checkpoint import load_checkpoint
 from training import file_digest
 
 
 def run(script, *args, timeout=300, launcher=(sys.executable,)):
-    return subprocess.run([*launcher, os.path.join(ROOT, script), *map(str, args)],
+    cmd = command(script) if launcher == (sys.executable,) else [*launcher,
+                                                                  os.path.join(ROOT, script)]
+    return subprocess.run([*cmd, *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
@@ -75,17 +77,19 @@ def test_tools_end_a_user_error_in_one_line(files, sft_ckpt, cut_ckpt, write_fil
     assert_one_line_error(run("sample.py", "--ckpt", sft_ckpt, "--tokenizer", other,
                               "--prompt", "hi"), "trained with a different tokenizer")
     not_minimind = write_file("x.pth", b"not a torch file")
-    assert_one_line_error(run("convert.py", "--from-minimind", not_minimind, "--tokenizer-dir",
-                              tmp_path, "--out", tmp_path / "x.pt"), f"{not_minimind}: ")
+    assert_one_line_error(run("tools/convert.py", "--from-minimind", not_minimind,
+                              "--tokenizer-dir", tmp_path, "--out", tmp_path / "x.pt"),
+                          f"{not_minimind}: ")
     assert_one_line_error(run("tokenizer.py", "--files", tmp_path / "nothing.txt", "--out",
                               tmp_path / "t.tiktoken"), "nothing.txt: no such file")
-    assert_one_line_error(run("sweep.py", "--runs", "sigmoid", "--sft-ckpt", tmp_path / "no.pt",
-                              "--out-dir", tmp_path / "sweep"), "no SFT checkpoint at")
-    assert_one_line_error(run("sweep.py", "--runs", "nonsense"), "unknown runs", code=2)
+    assert_one_line_error(run("tools/sweep.py", "--runs", "sigmoid", "--sft-ckpt",
+                              tmp_path / "no.pt", "--out-dir", tmp_path / "sweep"),
+                          "no SFT checkpoint at")
+    assert_one_line_error(run("tools/sweep.py", "--runs", "nonsense"), "unknown runs", code=2)
 
 
 def test_sweep_names_the_log_of_a_failed_run(sft_ckpt, tmp_path):
-    result = run("sweep.py", "--runs", "sigmoid", "--sft-ckpt", sft_ckpt, "--out-dir",
+    result = run("tools/sweep.py", "--runs", "sigmoid", "--sft-ckpt", sft_ckpt, "--out-dir",
                  tmp_path, "--nproc", "1", "--train-flags", "--dpop-lambda nonsense")
     assert_one_line_error(result, f"{tmp_path}/sigmoid/train.log: the run failed (exit 2)",
                           "error: argument --dpop-lambda: invalid float value")

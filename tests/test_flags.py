@@ -5,16 +5,15 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import data
+import devices
 import train_dpo
 import train_sft
-import training
-from conftest import ROOT, SHAPE, dpo_args, max_diff, sft_args, weights
+from conftest import ROOT, SHAPE, command, dpo_args, max_diff, sft_args, weights
 from checkpoint import load_checkpoint
 from tokenizer import DEFAULT_TOKENIZER
 
@@ -25,7 +24,7 @@ def records(path):
 
 
 def run_script(script, *args, timeout=180):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+    result = subprocess.run([*command(script), *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
@@ -394,7 +393,7 @@ def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
             str(tmp_path / "sweep"), "--nproc", "1", "--samples", "1", "--limit", "12",
             "--train-flags", f"--data {files['pairs_train']} --val-data {files['pairs_val']} "
             "--steps 2 --batch-size 4"]
-    out = run_script("sweep.py", *args, timeout=300)
+    out = run_script("tools/sweep.py", *args, timeout=300)
     tmp_path = tmp_path / "sweep"
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| sigmoid", "| rdpo", "| simpo"]
@@ -407,24 +406,24 @@ def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
     assert "beta: each run's --beta where it has one, else train_dpo.py's default" in out
     with open(tmp_path / "sigmoid/train.log", encoding="utf-8") as f:  # not TinyChat's file
         assert f.readline().startswith("beta 0.1 (the DPO paper's")
-    again = run_script("sweep.py", *args, timeout=300)
+    again = run_script("tools/sweep.py", *args, timeout=300)
     assert "[sigmoid]" not in again  # finished runs are not trained again
     train_sft.main(sft_args(files, sft.parent / "retrained", "--steps", "2", "--batch-size",
                             "4", "--seed", "9"))
     sft.write_bytes((sft.parent / "retrained/sft.pt").read_bytes())  # a new SFT model
-    third = run_script("sweep.py", *args, timeout=300)
+    third = run_script("tools/sweep.py", *args, timeout=300)
     assert "[sigmoid]" in third and "[simpo]" in third  # not mixed into the old table
 
 
 def test_sweep_list_and_retrain(files, sft_ckpt, tmp_path):
-    listing = run_script("sweep.py", "--list")
+    listing = run_script("tools/sweep.py", "--list")
     assert "simpo          --loss simpo --beta 2.5 --simpo-gamma 1.25" in listing
     assert "beta-0.1       --beta 0.1" in listing
     args = ["--runs", "sigmoid", "--sft-ckpt", str(sft_ckpt), "--out-dir", str(tmp_path),
             "--nproc", "1", "--samples", "1", "--limit", "6", "--train-flags",
             f"--data {files['pairs_train']} --val-data '' --steps 1 --batch-size 4"]
-    run_script("sweep.py", *args, timeout=300)
-    assert "[sigmoid]" in run_script("sweep.py", *args, "--retrain", timeout=300)
+    run_script("tools/sweep.py", *args, timeout=300)
+    assert "[sigmoid]" in run_script("tools/sweep.py", *args, "--retrain", timeout=300)
 
 
 @pytest.mark.parametrize("flags, dtype, warned", [("fpu sse2 avx512f", "bfloat16", True),
@@ -435,7 +434,7 @@ def test_bf16_without_cpu_support_is_announced_at_start_up(files, sft_ckpt, tmp_
                                                            warned):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(training, "CPUINFO", str(cpuinfo))
+    monkeypatch.setattr(devices, "CPUINFO", str(cpuinfo))
     train_dpo.main(dpo_args(files, tmp_path / "dpo", sft_ckpt, "--steps", "1", "--dtype", dtype,
                             "--no-save", "--val-data", ""))
     train_sft.main(sft_args(files, tmp_path / "sft", "--steps", "1", "--dtype", dtype,

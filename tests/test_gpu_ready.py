@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import devices
 import train_dpo
 import training
 from conftest import dpo_args
@@ -38,17 +39,17 @@ from model import ModelConfig, Transformer
 def test_choose_device_covers_every_case(requested, torchrun, local_rank, local_world, gpus,
                                          expected):
     if expected is None:
-        assert training.choose_device(requested, torchrun, local_rank, local_world, gpus) == \
+        assert devices.choose_device(requested, torchrun, local_rank, local_world, gpus) == \
             "cuda:0"
         with pytest.raises(UserError, match="use --nproc_per_node 1"):
-            training.choose_device(requested, torchrun, 1, local_world, gpus)
+            devices.choose_device(requested, torchrun, 1, local_world, gpus)
     elif expected.startswith(("cpu", "cuda:")):
-        assert training.choose_device(requested, torchrun, local_rank, local_world,
+        assert devices.choose_device(requested, torchrun, local_rank, local_world,
                                       gpus) == expected
     else:
         words = "use --nproc_per_node 1" if expected.startswith("more") else expected
         with pytest.raises(UserError, match=words):
-            training.choose_device(requested, torchrun, local_rank, local_world, gpus)
+            devices.choose_device(requested, torchrun, local_rank, local_world, gpus)
 
 
 def test_the_rng_state_is_this_processs_gpu_only(monkeypatch):

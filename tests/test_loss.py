@@ -247,7 +247,7 @@ def random_pairs(seed, shapes, vocab=37):
 
 
 def test_bench_naive_trainer_computes_the_same_logps_as_the_fast_path():
-    import bench
+    from tools import bench
     import data
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4,

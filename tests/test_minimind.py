@@ -28,7 +28,7 @@ with open(os.path.join(FIXTURES, "encodings.json"), encoding="utf-8") as f:
 
 
 def convert(*args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), *map(str, args)],
+    result = subprocess.run([sys.executable, "-m", "tools.convert", *map(str, args)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     return result
 
@@ -72,7 +72,7 @@ def test_a_model_without_qk_norm_needs_its_head_count(tmp_path):
     8 of 4 have the same shapes, and different logits): convert.py asks for --n-heads,
     and with the right one gives the same logits. A wrong --experts-per-token is refused,
     never clamped."""
-    from convert import to_minimind
+    from tools.convert import to_minimind
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=6400, dim=32, n_layers=2, n_heads=4,
                                     n_kv_heads=2, norm_eps=1e-6)).eval()  # MiniMind's eps

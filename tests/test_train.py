@@ -84,7 +84,7 @@ def test_precomputed_reference_equals_on_the_fly_and_frees_the_model(files, sft_
     common = ["--steps", "5", "--batch-size", "8"]
     train_dpo.main(dpo_args(files, tmp_path / "fly", sft_ckpt, *common))
     made, seen = [], []
-    real_deepcopy, real_reference_logps = train_dpo.copy.deepcopy, train_dpo.reference_logps
+    real_deepcopy, real_reference_logps = training.copy.deepcopy, train_dpo.reference_logps
 
     def deepcopy(model):
         ref = real_deepcopy(model)
@@ -95,7 +95,7 @@ def test_precomputed_reference_equals_on_the_fly_and_frees_the_model(files, sft_
         seen.append((reference is None, made[0]() is None))
         return real_reference_logps(reference, table, *args)
 
-    monkeypatch.setattr(train_dpo, "copy", types.SimpleNamespace(deepcopy=deepcopy))
+    monkeypatch.setattr(training, "copy", types.SimpleNamespace(deepcopy=deepcopy))
     monkeypatch.setattr(train_dpo, "reference_logps", reference_logps)
     train_dpo.main(dpo_args(files, tmp_path / "pre", sft_ckpt, *common, "--precompute-ref"))
     assert seen and all(none and freed for none, freed in seen)

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-import bench
+from tools import bench
 from errors import ArgumentParser, run_main
 from model import Transformer, make_config
 
@@ -70,7 +70,7 @@ def main(argv=None):
                 ("bf16", [sys.executable, "train_dpo.py"], ["--dtype", "bfloat16"]),
                 ("packed-bf16", [sys.executable, "train_dpo.py"],
                  ["--dtype", "bfloat16", "--packed"]),
-                ("naive fp32", [sys.executable, "bench.py", "naive"], [])):
+                ("naive fp32", [sys.executable, "-m", "tools.bench", "naive"], [])):
             out = os.path.join(work, f"{preset}-{row.replace(' ', '-')}")
             os.makedirs(out, exist_ok=True)
             log = os.path.join(out, "log.txt")

@@ -34,9 +34,9 @@ import time
 import torch
 
 import data
+import devices
 import tasks
 import tokenizer
-import training
 from errors import ArgumentParser, UserError, run_main
 from evaluate import answer_logps, judge_answers, kl_estimate, summarize, win_rate
 from loss import TINYCHAT_BETA
@@ -273,7 +273,7 @@ def main(argv=None):
     for path in (args.sft_ckpt, args.start):
         if not os.path.exists(path):
             raise UserError(f"no checkpoint at {path}: run python train_sft.py first")
-    device = training.choose_device(args.device, False, 0, 1, torch.cuda.device_count())
+    device = devices.choose_device(args.device, False, 0, 1, torch.cuda.device_count())
     enc = tokenizer.load_tokenizer(args.tokenizer)
     held_out = (HeldOut(args.sft_ckpt, args, enc, device) if args.eval_samples else None)
 

@@ -2,9 +2,9 @@
 prompts, and print the README's table; plus a beta sweep of plain DPO (Eq. 7), the
 reward-KL trade-off of the paper's Figure 2 in miniature.
 
-    python sweep.py                                  # everything (about 1 h on 2 cores)
-    python sweep.py --runs sigmoid ipo simpo         # a few rows
-    python sweep.py --list                           # the runs and their flags
+    python -m tools.sweep                                  # everything (about 1 h on 2 cores)
+    python -m tools.sweep --runs sigmoid ipo simpo         # a few rows
+    python -m tools.sweep --list                           # the runs and their flags
 
 Each run is `train_dpo.py` under torchrun with the default settings plus the flags shown
 in the table (the data, schedule and SFT checkpoint are the same for all); runs that can
@@ -26,7 +26,7 @@ import time
 from errors import ArgumentParser, UserError, run_main
 from training import file_digest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 # (name, flags): one row each. The beta of each variant is its paper's scale where it
 # has its own (per-token averages need a larger one); the rest use the default.

@@ -5,11 +5,11 @@ keys such as `model.layers.0.self_attn.q_proj.weight`); its tokenizer is a
 Hugging Face byte-level BPE `tokenizer.json`. Nothing is downloaded: bring the
 files from your MiniMind checkout.
 
-    python convert.py --from-minimind full_sft_768.pth --tokenizer-dir minimind/model \\
+    python -m tools.convert --from-minimind full_sft_768.pth --tokenizer-dir minimind/model \\
         --out out/minimind/sft.pt
     python train_dpo.py --sft-ckpt out/minimind/sft.pt \\
         --tokenizer out/minimind/minimind.tiktoken --data dpo.jsonl --out-dir out/minimind
-    python convert.py --to-minimind out/minimind/dpo.pt --out dpo_768.pth
+    python -m tools.convert --to-minimind out/minimind/dpo.pt --out dpo_768.pth
 
 --from-minimind infers the shape from the tensors (dense or MoE, q/k-norm or not)
 and is strict: a key it does not map is an error that names it. The tokenizer is

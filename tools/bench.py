@@ -13,7 +13,7 @@ Data sets, each with the real length distribution of its pairs:
              tests/fixtures/minimind), width 256, 4 layers, 8/4 heads, FFN 832, max
              length 256, batch 8, beta 0.1: the shape of MiniMind's small models
 Rows:
-  naive        `bench.py naive`: MiniMind's DPO step (trainer/train_dpo.py) on our
+  naive        `tools/bench.py naive`: MiniMind's DPO step (trainer/train_dpo.py) on our
                model and data: every sequence padded to the max length, a
                full-vocabulary log_softmax at every position for policy and
                reference, torch.optim.AdamW with its defaults, clip 1.0, fp32
@@ -30,10 +30,10 @@ Rows:
                checkpoints/bench_dpo_256*.pth in that checkout
 Every row runs the reference forward each step and no gradient accumulation.
 
-Run:  python bench.py                                  (both sets, every row, 1 process)
-      python bench.py --sets tinychat --rows default bf16 --nproc 2
-      python bench.py --repeat 3 --k1 5 --k2 25        (readings interleaved by round)
-      python bench.py --sets synthetic --minimind ~/minimind --minimind-python ~/mm/bin/python
+Run:  python -m tools.bench                                  (both sets, every row, 1 process)
+      python -m tools.bench --sets tinychat --rows default bf16 --nproc 2
+      python -m tools.bench --repeat 3 --k1 5 --k2 25        (readings interleaved by round)
+      python -m tools.bench --sets synthetic --minimind ~/minimind --minimind-python ~/mm/bin/python
 """
 
 import argparse
@@ -51,12 +51,13 @@ import torch
 import torch.nn.functional as F
 
 import data
+import devices
 import tokenizer
 import train_dpo
 import training
 from errors import ArgumentParser, UserError, run_main
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 MINIMIND_TOKENIZER = os.path.join(HERE, "tests", "fixtures", "minimind", "tokenizer.json")
 
 ROWS = {  # name: flags of train_dpo.py (None: another trainer)
@@ -178,17 +179,17 @@ def set_flags(name, args):
 
 
 def naive_main(argv):
-    """`python bench.py naive [train_dpo.py flags]`: what MiniMind's trainer/train_dpo.py
+    """`python -m tools.bench naive [train_dpo.py flags]`: what MiniMind's trainer/train_dpo.py
     does each step, on the data and model train_dpo.py would build from the same flags.
     One process, fp32, --steps steps, batches in random order."""
     args = train_dpo.parse_args(argv)
-    device = torch.device(training.choose_device(args.device, False, 0, 1,
+    device = torch.device(devices.choose_device(args.device, False, 0, 1,
                                                  torch.cuda.device_count()))
     torch.manual_seed(args.seed)
     enc = tokenizer.load_tokenizer(args.tokenizer)
     train_ds = data.PreferenceDataset(args.data, enc, args.max_len, args.max_prompt_len,
                                       args.skip_invalid, log=None)
-    model = train_dpo.policy_from_sft(args, enc.n_vocab, tokenizer.tokenizer_identity(
+    model = training.policy_from_sft(args, enc.n_vocab, tokenizer.tokenizer_identity(
         args.tokenizer))
     model.to(device)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -219,7 +220,7 @@ def naive_main(argv):
     elapsed = time.time() - t0
     print(f"done: {args.steps} steps in {elapsed:.1f}s; "
           f"{args.steps * args.batch_size / elapsed:.2f} pairs/s"
-          + training.peak_gpu_memory(device))
+          + devices.peak_gpu_memory(device))
 
 
 def log_probs_of(logits, labels):
@@ -263,7 +264,7 @@ def command(row, set_args, steps, args, out_dir):
     flags = [*TIMING, *set_args, "--steps", str(steps), "--batch-size", str(args.batch_size),
              "--out-dir", out_dir, *args.extra]
     if ROWS[row] is None:
-        return [sys.executable, os.path.abspath(__file__), "naive", *flags], HERE
+        return [sys.executable, "-m", "tools.bench", "naive", *flags], HERE
     flags += ROWS[row]
     if args.nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -1,0 +1,74 @@
+"""Which device each process takes, and what its hardware can do: the device choice as
+a pure function (every case tested on CPU), the CPU's bfloat16 support, peak GPU memory.
+training.setup_distributed and the scripts use it.
+"""
+
+import os
+
+import torch
+
+from errors import UserError
+
+
+def choose_device(requested, under_torchrun, local_rank, local_world_size, n_gpus):
+    """The device this process trains on, as a string, from --device and the launch; a
+    UserError where it cannot work. A pure function: every case is tested on CPU.
+
+        >>> choose_device("auto", False, 0, 1, 0), choose_device("auto", False, 0, 1, 2)
+        ('cpu', 'cuda:0')
+        >>> choose_device("cuda", True, 1, 2, 2), choose_device("cuda:1", False, 0, 1, 2)
+        ('cuda:1', 'cuda:1')
+    """
+    if requested == "auto":
+        requested = "cuda" if n_gpus else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    if requested != "cuda" and not (requested.startswith("cuda:")
+                                    and requested[5:].isdigit()):
+        raise UserError(f"--device {requested}: use auto, cpu, cuda or cuda:N")
+    if n_gpus == 0:
+        raise UserError(f"--device {requested}, but no CUDA GPU is visible (--device cpu?)")
+    if under_torchrun:
+        if requested != "cuda" and local_world_size > 1:
+            raise UserError(f"--device {requested} under torchrun: each of the "
+                            f"{local_world_size} processes of a machine takes its own GPU "
+                            "(cuda:LOCAL_RANK); pass --device cuda")
+        index = local_rank if requested == "cuda" else int(requested[5:])
+        if index >= n_gpus:
+            raise UserError(f"torchrun started {local_world_size} processes on this machine "
+                            f"but {n_gpus} GPU(s) are visible: use --nproc_per_node "
+                            f"{n_gpus} (or --device cpu)")
+        return f"cuda:{index}"
+    index = 0 if requested == "cuda" else int(requested[5:])
+    if index >= n_gpus:
+        raise UserError(f"--device {requested}, but {n_gpus} GPU(s) are visible")
+    return f"cuda:{index}"
+
+
+def peak_gpu_memory(device):
+    """", peak GPU memory N MiB" (torch.cuda.max_memory_allocated) on a GPU, else ""."""
+    if device.type != "cuda":
+        return ""
+    return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB"
+
+
+CPUINFO = "/proc/cpuinfo"
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 and AMX; Arm BF16
+
+
+def cpu_has_bf16():
+    """Whether this CPU multiplies bfloat16 in hardware, read off the flags in CPUINFO;
+    None where there is no such file (not Linux)."""
+    if not os.path.exists(CPUINFO):
+        return None
+    with open(CPUINFO) as f:
+        words = set(f.read().split())
+    return any(flag in words for flag in CPU_BF16_FLAGS)
+
+
+def warn_if_bf16_is_emulated(device, dtype_name, log):
+    """Say at start-up when --dtype bfloat16 will be slower than float32: on a CPU without
+    bf16 instructions, PyTorch emulates them."""
+    if device.type == "cpu" and dtype_name == "bfloat16" and cpu_has_bf16() is False:
+        log("warning: this CPU has no bfloat16 instructions (AVX512-BF16, AMX or Arm BF16): "
+            "--dtype bfloat16 is emulated here and will be slower than float32")
