@@ -61,7 +61,7 @@ def iterate_args(sft_ckpt, out, *extra):
     return ["--sft-ckpt", str(sft_ckpt), "--out-dir", str(out), "--rounds", "2",
             "--prompts", "6", "--k", "3", "--min-gap", "0.25", "--max-new-tokens", "12",
             "--nproc", "1", "--eval-samples", "1", "--eval-limit", "6", "--device", "cpu",
-            "--train-flags", "--steps 2 --batch-size 1 --lr 1e-3 --warmup-steps 1 "
+            "--lr", "1e-3", "--train-flags", "--steps 2 --batch-size 1 --warmup-steps 1 "
             "--val-data '' --quiet --seed 3", *extra]
 
 
@@ -82,6 +82,7 @@ def test_rounds_end_to_end_resume_and_same_seed(sft_ckpt, tmp_path, stand_in_jud
         metrics = [json.loads(line) for line in
                    (out / f"round{r}" / "dpo" / "metrics.jsonl").read_text().splitlines()]
         assert metrics[-1]["step"] == 2
+        assert metrics[0]["lr"] == pytest.approx(1e-3)  # --lr reached train_dpo.py
         assert record["policy_in"] == (str(sft_ckpt) if r == 1 else
                                        str(out / "round1" / "dpo.pt"))
         assert record["reference"] == str(sft_ckpt)  # --reference sft

@@ -1,7 +1,7 @@
 """On-policy DPO: sample the policy, judge its answers, pair best against worst, train DPO
 on those pairs, round after round; each round measured on the held-out prompts.
 
-    python -m tools.iterate                                # 3 rounds from out/sft.pt
+    python -m tools.iterate                                # 6 rounds from out/sft.pt
     python -m tools.iterate --start out/dpo.pt --out-dir out/offline_then_onpolicy
     python -m tools.iterate --rounds 4 --k 8 --prompts 1000 --reference sft
 
@@ -47,7 +47,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLED = "sampled T=1"  # evaluate.py's name for its headline mode
 # The settings that define a round's numbers: a round.json made with others is not reused
 ROUND_KEYS = ("start", "sft_ckpt", "prompts", "k", "temperature", "min_gap", "max_new_tokens",
-              "beta", "reference", "nproc", "train_flags", "seed")
+              "beta", "lr", "reference", "nproc", "train_flags", "seed")
 
 
 def best_against_worst(scores, min_gap):
@@ -122,6 +122,7 @@ def train_round(pairs_path, policy_path, reference_path, out, args):
                  f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else [sys.executable])
     cmd = launcher + [os.path.join(HERE, "train_dpo.py"), "--data", pairs_path,
                       "--sft-ckpt", policy_path, "--out-dir", out, "--beta", str(args.beta),
+                      "--lr", str(args.lr),
                       "--samples", "0", "--device", args.device,
                       "--tokenizer", args.tokenizer, *shlex.split(args.train_flags)]
     if reference_path != policy_path:
@@ -239,7 +240,7 @@ def main(argv=None):
                         help="round 1's policy (default: the SFT model; e.g. out/dpo.pt to "
                         "continue offline DPO on-policy)")
     parser.add_argument("--out-dir", default="out/onpolicy", help="one folder per round")
-    parser.add_argument("--rounds", type=int, default=3, help="number of rounds")
+    parser.add_argument("--rounds", type=int, default=6, help="number of rounds")
     parser.add_argument("--prompts", type=int, default=1500, help="N: new prompts a round")
     parser.add_argument("--k", type=int, default=4, help="answers sampled per prompt")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -248,9 +249,13 @@ def main(argv=None):
                         "(the judge's scores are 0, 0.6, 0.8 and 1.0)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer")
     parser.add_argument("--beta", type=float, default=TINYCHAT_BETA, help="DPO beta")
+    parser.add_argument("--lr", type=float, default=1e-4,
+                        help="each round's peak learning rate (offline DPO's is 5e-5; a round "
+                        "has ~10x fewer steps, and 1e-4 did better, docs/onpolicy.md)")
     parser.add_argument("--reference", choices=("previous", "sft"), default="previous",
                         help="each round's DPO reference: the policy the round starts from "
-                        "(its samples' own model) or the SFT model")
+                        "(the model its pairs were sampled from, so each round is the DPO "
+                        "problem of its own data) or the SFT model")
     parser.add_argument("--train-flags", default="",
                         help="more train_dpo.py flags for every round, e.g. '--epochs 2'")
     parser.add_argument("--nproc", type=int, default=2, help="train_dpo.py processes")
