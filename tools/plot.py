@@ -119,15 +119,21 @@ def frontier_figure(results_paths):
         ax.plot([r.get(SAMPLED + "kl_vs_ref", 0.0) for r in points],
                 [r[SAMPLED + "score"] for r in points], "-", lw=1, color="grey", zorder=0,
                 label=f"on-policy rounds ({os.path.basename(os.path.dirname(path))})")
+    inner = {id(r) for _, points in trajectories for r in points[:-1]}  # named at the end
+    named_ref = False
     for path, r in results.items():
-        name = os.path.basename(os.path.dirname(path)) or os.path.basename(path)
-        is_ref = r.get(SAMPLED + "kl_vs_ref", 0.0) == 0.0
-        ax.errorbar(r.get(SAMPLED + "kl_vs_ref", 0.0), r[SAMPLED + "score"],
-                    xerr=r.get(SAMPLED + "kl_stderr", 0.0), fmt="*" if is_ref else "o",
-                    ms=12 if is_ref else 6, color="black" if is_ref else None)
-        ax.annotate("SFT (reference)" if is_ref else name, (r.get(SAMPLED + "kl_vs_ref", 0.0),
-                    r[SAMPLED + "score"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        folder = os.path.dirname(path)  # a run's folder names it; out/dpo.pt its file
+        name = os.path.basename(folder) if os.path.dirname(folder) else os.path.basename(path)
+        kl = r.get(SAMPLED + "kl_vs_ref", 0.0)
+        is_ref = kl == 0.0
+        ax.errorbar(kl, r[SAMPLED + "score"], xerr=r.get(SAMPLED + "kl_stderr", 0.0),
+                    fmt="*" if is_ref else "o", ms=12 if is_ref else 6,
+                    color="black" if is_ref else None)
+        if (is_ref and named_ref) or (not is_ref and id(r) in inner):
+            continue
+        named_ref = named_ref or is_ref
+        ax.annotate("SFT (reference)" if is_ref else name, (kl, r[SAMPLED + "score"]),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set(title="Reward against KL: judge score vs KL(π ‖ π_ref)", xscale="symlog",
            xlabel="KL from the reference on the policy's samples, nats (symlog)",
            ylabel="mean judge score, sampled at T = 1")
