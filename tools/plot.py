@@ -114,29 +114,39 @@ def frontier_figure(results_paths):
         results.update(report["results"])
         if "rounds" in report.get("args", {}):  # tools/iterate.py: its rounds, joined
             trajectories.append((path, list(report["results"].values())))
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for path, points in trajectories:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color_of, run_of = {}, {}  # a trajectory's points take its colour and its run's name
+    for (path, points), color in zip(trajectories, colors):
+        run = os.path.basename(os.path.dirname(os.path.abspath(path)))
         ax.plot([r.get(SAMPLED + "kl_vs_ref", 0.0) for r in points],
-                [r[SAMPLED + "score"] for r in points], "-", lw=1, color="grey", zorder=0,
-                label=f"on-policy rounds ({os.path.basename(os.path.dirname(path))})")
+                [r[SAMPLED + "score"] for r in points], "-", lw=1, color=color, zorder=0,
+                label=f"on-policy rounds ({run})")
+        for r in points[1:]:
+            color_of[id(r)], run_of[id(r)] = color, run
     inner = {id(r) for _, points in trajectories for r in points[:-1]}  # named at the end
-    named_ref = False
+    named_ref, kls = False, []
     for path, r in results.items():
         folder = os.path.dirname(path)  # a run's folder names it; out/dpo.pt its file
         name = os.path.basename(folder) if os.path.dirname(folder) else os.path.basename(path)
         kl = r.get(SAMPLED + "kl_vs_ref", 0.0)
+        kls.append(kl)
         is_ref = kl == 0.0
         ax.errorbar(kl, r[SAMPLED + "score"], xerr=r.get(SAMPLED + "kl_stderr", 0.0),
-                    fmt="*" if is_ref else "o", ms=12 if is_ref else 6,
-                    color="black" if is_ref else None)
+                    fmt="*" if is_ref else "o", ms=12 if is_ref else 5,
+                    color="black" if is_ref else color_of.get(id(r), "dimgrey"))
         if (is_ref and named_ref) or (not is_ref and id(r) in inner):
             continue
         named_ref = named_ref or is_ref
+        if id(r) in run_of:
+            name = f"{run_of[id(r)]}, {name}"
         ax.annotate("SFT (reference)" if is_ref else name, (kl, r[SAMPLED + "score"]),
                     textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set(title="Reward against KL: judge score vs KL(π ‖ π_ref)", xscale="symlog",
-           xlabel="KL from the reference on the policy's samples, nats (symlog)",
-           ylabel="mean judge score, sampled at T = 1")
+    wide = max(kls, default=0.0) > 10  # KLs over orders of magnitude: a symlog axis
+    ax.set(title="Reward against KL: judge score vs KL(π ‖ π_ref)",
+           xscale="symlog" if wide else "linear",
+           xlabel="KL from the reference on the policy's samples, nats"
+           + (" (symlog)" if wide else ""), ylabel="mean judge score, sampled at T = 1")
     if trajectories:
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
