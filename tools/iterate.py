@@ -70,14 +70,23 @@ def best_against_worst(scores, min_gap):
 
 def make_pairs(rows, texts, scored, min_gap):
     """The round's preference records (train_dpo.py's conversational format) and how many
-    prompts gave none."""
+    prompts gave none. Empty answers take no part: the data formats hold no empty message.
+
+    >>> row = {"messages": [{"role": "user", "content": "2+2?"}], "meta": {"skill": "x"}}
+    >>> judged = [[({"score": s}, 3) for s in (1.0, 0.0, 0.6)]]
+    >>> pairs, ties = make_pairs([row], [["4.", "", "It is 4."]], judged, 0.2)
+    >>> [pairs[0][k][0]["content"] for k in ("chosen", "rejected")], ties
+    (['4.', 'It is 4.'], 0)
+    """
     pairs, ties = [], 0
     for row, answers, judged in zip(rows, texts, scored):
-        picked = best_against_worst([s["score"] for s, _ in judged], min_gap)
+        # an empty answer (<|im_end|> at once) has no text a pair file can hold: left out
+        kept = [i for i, text in enumerate(answers) if text.strip()]
+        picked = best_against_worst([judged[i][0]["score"] for i in kept], min_gap)
         if picked is None:
             ties += 1
             continue
-        best, worst = picked
+        best, worst = kept[picked[0]], kept[picked[1]]
         pairs.append({"prompt": row["messages"],
                       "chosen": [{"role": "assistant", "content": answers[best]}],
                       "rejected": [{"role": "assistant", "content": answers[worst]}],
