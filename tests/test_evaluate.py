@@ -129,6 +129,10 @@ def test_pair_file_report_measures_where_log_probs_moved(checkpoints, tmp_path, 
     assert "".join(shown[0]["rejected"]) == "Paris, you fool.<|im_end|>"
     assert "".join(shown[0]["chosen"][:shown[0]["diverge"]]) == "Paris"
     assert shown[1]["diverge"] == 0
+    one = str(tmp_path / "one.json")  # --token-shifts N: that many pairs
+    run_evaluate("--ckpt", b, "--ref", a, "--pairs", pairs, "--json", one, "--token-shifts", "1")
+    with open(one) as f:
+        assert [p["group"] for p in json.load(f)["token_shifts"][b]] == ["rude"]
     reference = evaluate.load_model(a, tokenizer.DEFAULT_TOKENIZER, "cpu")
     for pair, item in zip(shown, items):
         for side in ("chosen", "rejected"):

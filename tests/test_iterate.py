@@ -110,6 +110,14 @@ def test_rounds_end_to_end_resume_and_same_seed(sft_ckpt, tmp_path, stand_in_jud
     # --reference previous (the default): round 1's reference is its own starting policy
     record = json.loads((tmp_path / "c" / "round1" / "round.json").read_text())
     assert record["reference"] == record["policy_in"] == str(sft_ckpt)
+    # --start: round 1 from another policy (e.g. offline DPO's), judged as the "start" row
+    start = str(out / "round2" / "dpo.pt")
+    iterate.main(iterate_args(sft_ckpt, tmp_path / "d", "--rounds", "1", "--start", start))
+    record = json.loads((tmp_path / "d" / "round1" / "round.json").read_text())
+    assert record["policy_in"] == record["reference"] == start
+    assert list(json.loads((tmp_path / "d" / "results.json").read_text())["results"]) == [
+        str(sft_ckpt), start, str(tmp_path / "d" / "round1" / "dpo.pt")]
+    assert "| start |" in (tmp_path / "d" / "table.md").read_text()
 
 
 def test_other_settings_in_the_same_folder_are_refused(sft_ckpt, tmp_path, stand_in_judge):
