@@ -111,9 +111,8 @@ def test_frontier_joins_the_on_policy_rounds(tmp_path):
     assert len(trajectory) == 1
     assert list(trajectory[0].get_ydata()) == [0.48, 0.60, 0.70]
     assert list(trajectory[0].get_xdata()) == [0.0, 0.3, 0.8]
-    # the SFT model named once, a trajectory at its last round (with its run), out/dpo.pt by
-    # its file
-    assert [t.get_text() for t in ax.texts] == ["SFT (reference)", "dpo.pt", "onpolicy, round2"]
+    # the SFT model named once, out/dpo.pt by its file; a trajectory by the legend only
+    assert [t.get_text() for t in ax.texts] == ["SFT (reference)", "dpo.pt"]
     assert ax.get_xscale() == "linear"  # KLs under 10 nats: a linear axis
 
 

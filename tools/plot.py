@@ -116,15 +116,14 @@ def frontier_figure(results_paths):
             trajectories.append((path, list(report["results"].values())))
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    color_of, run_of, nth = {}, {}, {}  # a trajectory's points: its colour, run, index
-    for t, ((path, points), color) in enumerate(zip(trajectories, colors)):
+    color_of = {}  # a trajectory's points take its colour; the legend names it
+    for (path, points), color in zip(trajectories, colors):
         run = os.path.basename(os.path.dirname(os.path.abspath(path)))
         ax.plot([r.get(SAMPLED + "kl_vs_ref", 0.0) for r in points],
                 [r[SAMPLED + "score"] for r in points], "-", lw=1, color=color, zorder=0,
                 label=f"on-policy rounds ({run})")
         for r in points[1:]:
-            color_of[id(r)], run_of[id(r)], nth[id(r)] = color, run, t
-    inner = {id(r) for _, points in trajectories for r in points[:-1]}  # named at the end
+            color_of[id(r)] = color
     named_ref, kls = False, []
     for path, r in results.items():
         folder = os.path.dirname(path)  # a run's folder names it; out/dpo.pt its file
@@ -135,14 +134,11 @@ def frontier_figure(results_paths):
         ax.errorbar(kl, r[SAMPLED + "score"], xerr=r.get(SAMPLED + "kl_stderr", 0.0),
                     fmt="*" if is_ref else "o", ms=12 if is_ref else 5,
                     color="black" if is_ref else color_of.get(id(r), "dimgrey"))
-        if (is_ref and named_ref) or (not is_ref and id(r) in inner):
+        if (is_ref and named_ref) or (not is_ref and id(r) in color_of):
             continue
         named_ref = named_ref or is_ref
-        if id(r) in run_of:
-            name = f"{run_of[id(r)]}, {name}"
         ax.annotate("SFT (reference)" if is_ref else name, (kl, r[SAMPLED + "score"]),
-                    textcoords="offset points", xytext=(5, 4 - 11 * nth.get(id(r), 0)),
-                    fontsize=8)  # the trajectories' names one under the other
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
     wide = max(kls, default=0.0) > 10  # KLs over orders of magnitude: a symlog axis
     ax.set(title="Reward against KL: judge score vs KL(π ‖ π_ref)",
            xscale="symlog" if wide else "linear",
