@@ -23,6 +23,7 @@ the same settings. OUT/table.md and OUT/results.json (evaluate.py's JSON, for
 `python -m tools.plot frontier`) are written at the end.
 """
 
+import functools
 import json
 import os
 import random
@@ -35,6 +36,7 @@ import torch
 
 import data
 import devices
+import formats
 import tasks
 import tokenizer
 from errors import ArgumentParser, UserError, run_main
@@ -95,10 +97,11 @@ def make_pairs(rows, texts, scored, min_gap):
     return pairs, ties
 
 
+@functools.cache  # the same shipped files every round: read them once
 def held_out_texts():
     """The user messages no round may ask: the evaluation prompts' and the held-out pairs'."""
-    pairs_val = [json.loads(line) for line in
-                 open(os.path.join(data.DATA_DIR, "pairs_val.jsonl"), encoding="utf-8")]
+    pairs_val = [r for r, _ in formats.read_records(os.path.join(data.DATA_DIR,
+                                                                   "pairs_val.jsonl"))]
     return tasks.user_texts(eval_prompts()) | tasks.user_texts(pairs_val, key="prompt")
 
 
