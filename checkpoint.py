@@ -3,20 +3,30 @@
 A checkpoint is {"format", "model": fp32 state dict, "config": ModelConfig as a dict,
 "tokenizer": its identity, "train_state" when resuming}; read with
 torch.load(weights_only=True), its config checked before any tensor is allocated.
+Resuming: load_resume, restore_training_state and train_state; the batch order needs
+nothing saved, being a pure function of (seed, step) (data.BatchOrder).
 Not run directly; the training scripts, sample.py and evaluate.py use it.
 """
 
+import copy
+import dataclasses
+import hashlib
 import io
 import os
 import pickle
+import random
 import re
+import shlex
 import tempfile
 import zipfile
 from dataclasses import asdict, fields
 
 import torch
 
+import data
+import tokenizer
 from errors import UserError
+from flags import config_from_args
 from model import ModelConfig, Transformer
 
 CHECKPOINT_FORMAT = 1  # raise when the layout changes; newer files are refused with a reason
@@ -177,3 +187,144 @@ def model_from_checkpoint(ckpt, path=""):
     model = Transformer(config)
     model.load_state_dict(weights, strict=True)
     return model
+
+
+# Resuming: the training state a checkpoint keeps, and the run it belongs to
+
+
+def load_resume(ckpt_path, enabled, model, tokenizer_id, run):
+    """With --resume: the checkpoint at ckpt_path (there must be one), checked to be the
+    same run (see run_identity), its weights loaded into model (restore_training_state
+    takes the rest later); without --resume, None."""
+    if not enabled:
+        return None
+    if not os.path.exists(ckpt_path):  # never start over silently (and lose the metrics)
+        raise UserError(f"--resume: no checkpoint at {ckpt_path} to continue from; run "
+                        "without --resume to start a new run")
+    resume = load_checkpoint(ckpt_path)
+    check_tokenizer(resume, tokenizer_id, ckpt_path)
+    saved = resume.get("train_state", {}).get("run")
+    if saved is None:
+        raise UserError(f"{ckpt_path}: has no training state to resume from")
+    differences = [f"{k}: {saved.get(k)!r} in the checkpoint, {run.get(k)!r} now"
+                   for k in sorted(set(saved) | set(run)) if saved.get(k) != run.get(k)]
+    if differences:
+        raise UserError(f"{ckpt_path}: --resume would continue another run; it differs in "
+                        + "; ".join(differences) + ". Resume with the same settings, or "
+                        "start a new run in another --out-dir.")
+    model.load_state_dict(resume["model"], strict=True)
+    return resume
+
+
+def restore_training_state(resume, optimizer, scaler, device):
+    """Load optimizer, scaler and RNG states saved by train_state(); return the step to
+    continue from (0 when not resuming)."""
+    if resume is None:
+        return 0
+    state = resume["train_state"]
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"], device)
+    return state["step"]
+
+
+def train_state(optimizer, scaler, step, args, run, device):
+    """What --resume needs besides the weights. The data position is the step itself: the
+    batch order is a pure function of (seed, step) (data.BatchOrder)."""
+    return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            "rng": rng_state(device), "args": vars(args), "run": run}
+
+
+def run_identity(args, keys, world_size, config):
+    """What defines a run, so that --resume refuses to continue a different one (other
+    data, batch, schedule or loss would silently remap steps): the values of the flags in
+    `keys`, the number of processes, the model shape and the SHA-256 of each input file.
+    Flags that do not change the numbers (--eval-every, --quiet, ...) are left out."""
+    run = {k: getattr(args, k) for k in keys}
+    run.update(world_size=world_size, model=asdict(config))
+    for k in ("data", "sft_ckpt", "ref_ckpt", "tokenizer"):
+        path = getattr(args, k, None)
+        if path:
+            run[f"{k}_sha256"] = file_digest(path)
+    return run
+
+
+def file_digest(path):
+    """SHA-256 of a file's bytes, as hex."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def rng_state(device):
+    """The random states, as tensors and plain values (checkpoint-safe): Python's, the
+    CPU's and, on a GPU, that of this process's GPU only (not every visible one: another
+    machine may have fewer). Every rank seeds alike and draws alike, so rank 0's state,
+    which the checkpoint keeps, is every rank's."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and torch.is_tensor(state.get("cuda")):  # on this rank's GPU
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# DPO's two models at step 0: the policy and the reference
+
+
+def policy_from_sft(args, vocab_size, tokenizer_id):
+    """The policy at step 0: the SFT checkpoint, or with --sft-ckpt '' a fresh model shaped
+    by the model flags (for timing runs). Dropout is off in DPO, for policy and reference."""
+    if not args.sft_ckpt:
+        return Transformer(dataclasses.replace(config_from_args(args, vocab_size), dropout=0.0))
+    sft = load_checkpoint(args.sft_ckpt)
+    check_tokenizer(sft, tokenizer_id, args.sft_ckpt)
+    sft["config"]["dropout"] = 0.0
+    return model_from_checkpoint(sft, args.sft_ckpt)
+
+
+def reference_model(args, policy, tokenizer_id, device):
+    """The frozen reference: a copy of the policy at step 0 (the SFT model), or the
+    --ref-ckpt model; no dropout, no gradients."""
+    if not args.ref_ckpt:
+        return copy.deepcopy(policy).eval().requires_grad_(False)
+    ckpt = load_checkpoint(args.ref_ckpt)
+    check_tokenizer(ckpt, tokenizer_id, args.ref_ckpt)
+    ckpt["config"]["dropout"] = 0.0
+    reference = model_from_checkpoint(ckpt, args.ref_ckpt).to(device)
+    if reference.config != policy.config:
+        raise UserError(f"--ref-ckpt {args.ref_ckpt}: its model shape differs from the policy's "
+                        f"({reference.config} vs {policy.config})")
+    return reference.eval().requires_grad_(False)
+
+
+# train_dpo.py's one command: the SFT checkpoint it starts from, trained first if missing
+
+
+def find_sft_checkpoint(args, log):
+    """Without --sft-ckpt, args.sft_ckpt becomes OUT_DIR/sft.pt. When that is missing: on
+    TinyChat's data, train it now, the same code as `train_sft.py --out-dir OUT_DIR` under
+    the same launcher (torchrun or not); on other data, say how (its SFT data is the user's
+    to name)."""
+    if args.sft_ckpt is not None:
+        return
+    args.sft_ckpt = os.path.join(args.out_dir, "sft.pt")
+    if os.path.exists(args.sft_ckpt):
+        return
+    if not (data.is_tinychat(args.data) and args.tokenizer == tokenizer.DEFAULT_TOKENIZER):
+        raise UserError(f"no SFT checkpoint at {args.sft_ckpt}: train one on your own SFT data "
+                        f"first (python train_sft.py --data SFT.jsonl --out-dir {args.out_dir}),"
+                        " or pass --sft-ckpt PATH")
+    sft_argv = ["--out-dir", args.out_dir, "--device", args.device, "--seed", str(args.seed),
+                *(["--quiet"] if args.quiet else []), *shlex.split(args.sft_flags)]
+    log(f"no SFT checkpoint at {args.sft_ckpt}: training it first, as train_sft.py "
+        f"{' '.join(sft_argv)}")
+    import train_sft  # the SFT stage's own script (it imports this module)
+    train_sft.main(sft_argv)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank waits for rank 0's sft.pt

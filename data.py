@@ -1,16 +1,11 @@
-"""The data side of minidpo: chat template, file readers, datasets, batching.
+"""The data side of minidpo: the chat template, the datasets, batching.
 
-1. (tokenizer.py: the byte-level BPE and its .tiktoken file.)
-2. The chat template, rendering messages to `(ids, loss_mask)`: ChatML (MiniMind's
-   own, with its think block, is in extras/minimind.py).
-3. (formats.py: the readers for every SFT and preference format, with errors that
-   name the file, the line and the problem.)
-4. `SFTDataset` and `PreferenceDataset` with explicit truncation, collate
-   functions with dynamic padding, and a deterministic, rank-sharded,
-   optionally length-grouped batch order.
+The ChatML template renders messages to `(ids, loss_mask)` (MiniMind's own, with its
+think block: extras/minimind.py). `SFTDataset` and `PreferenceDataset` tokenise the
+records formats.py reads, with explicit truncation; collate functions pad dynamically;
+the batch order is deterministic, rank-sharded and optionally length-grouped.
 
-Not run directly; the training scripts use it. Train a tokenizer on your own data
-with `python tokenizer.py --files my.jsonl --vocab-size 6400 --out my.tiktoken`.
+Not run directly; the training scripts use it. (Tokenizer: tokenizer.py.)
 """
 
 import os
@@ -21,14 +16,14 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from errors import UserError
-from formats import load_records, preference_messages, sft_messages
+from formats import fit_prompt, load_records, preference_messages, sft_messages
 from tokenizer import ENDOFTEXT, IM_END, IM_START, encode_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")
 
 # ----------------------------------------------------------------------------
-# 2. The chat template (ChatML)
+# The chat template (ChatML)
 
 TEMPLATES = ("chatml", "minimind")  # minimind: MiniMind's own (extras/minimind.py)
 
@@ -111,57 +106,15 @@ class Chat:
         ids, mask = first + self.newline + ids, [1] * len(first) + [0] * len(self.newline) + mask
         return ids[:len(ids) - len(self.newline)], mask[:len(ids) - len(self.newline)]
 
+
 def is_tinychat(path):
     """Whether path is one of the shipped TinyChat files in DATA_DIR."""
     return os.path.dirname(os.path.realpath(path)) == os.path.realpath(DATA_DIR)
 
 
 # ----------------------------------------------------------------------------
-# 3. Datasets, truncation, collate, batch order
+# Datasets, truncation, collate, batch order
 
-
-def fit_prompt(chat, messages, max_prompt_len):
-    """Prompt ids (render_prompt) of at most max_prompt_len tokens that still follow the
-    chat template. Whole messages go first, oldest first, the system message kept while
-    it fits beside the last message; when the last message alone is too long, its
-    content is cut from the left, keeping its header and <|im_end|>.
-
-        >>> from tokenizer import load_tokenizer
-        >>> chat = Chat(load_tokenizer())
-        >>> messages = [{"role": "system", "content": "Be brief."},
-        ...             {"role": "user", "content": "Hi there"},
-        ...             {"role": "assistant", "content": "Hello! How can I help?"},
-        ...             {"role": "user", "content": "What is the capital of France?"}]
-        >>> len(chat.render_prompt(messages))
-        47
-        >>> print(chat.enc.decode(fit_prompt(chat, messages, 30)))  # the oldest turn goes
-        <|im_start|>system
-        Be brief.<|im_end|>
-        <|im_start|>user
-        What is the capital of France?<|im_end|>
-        <|im_start|>assistant
-        <BLANKLINE>
-        >>> print(chat.enc.decode(fit_prompt(chat, messages, 12)))  # then the system, the text
-        <|im_start|>user
-         capital of France?<|im_end|>
-        <|im_start|>assistant
-        <BLANKLINE>
-    """
-    system = messages[:1] if messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
-    candidates = [system + turns[start:] for start in range(len(turns))]
-    if system:
-        candidates.append(turns[-1:])  # the last message without the system message
-    for kept in candidates:
-        ids = chat.render_prompt(kept)
-        if len(ids) <= max_prompt_len:
-            return ids
-    last = turns[-1]
-    head = chat.header(last["role"])
-    tail = [chat.im_end] + chat.newline + chat.generation_prompt()
-    room = max(max_prompt_len - len(head) - len(tail), 0)
-    content = encode_text(chat.enc, last["content"])
-    return head + content[len(content) - room:] + tail
 
 
 class SFTDataset:
@@ -201,7 +154,7 @@ class PreferenceDataset:
     """Tokenised preference pairs. Each item is a dict with prompt ids and, for chosen and
     rejected, response ids and mask; both share the very same prompt ids.
 
-    The prompt is cut by fit_prompt to max_prompt_len, each response from the right so
+    The prompt is cut by formats.fit_prompt to max_prompt_len, each response from the right so
     that prompt + response <= max_len. Dropped and counted, after truncation: pairs left
     with no response tokens, and pairs whose chosen and rejected are identical (no
     DPO gradient: h is 0 whatever the policy)."""
@@ -295,6 +248,19 @@ def collate_pairs(items, pad_id):
                        padding_value=pad_id)  # (2B, T)
     loss_mask = pad_sequence([torch.tensor(m) for m in masks], batch_first=True)  # (2B, T)
     return ids, loss_mask
+
+
+
+def pair_batch(dataset, idx, device, packed=False):
+    """The pairs idx of dataset as one batch on device: (ids, mask) of collate_pairs, each
+    (2B, T), rows 0..B-1 chosen and B..2B-1 rejected. packed=True (--packed) is the one
+    switch for another batch layout: each prompt once, no padding (extras/packed.py)."""
+    items = [dataset[i] for i in idx]
+    if packed:
+        from extras.packed import pack_pairs
+        return pack_pairs(items).to(device)
+    ids, mask = collate_pairs(items, dataset.pad_id)
+    return to_device(ids, device), to_device(mask, device)
 
 
 def epoch_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, grad_accum=1,

@@ -3,11 +3,15 @@ tokenizer that does not match, flags that cannot go together) end every script w
 line, `error: <what is wrong>` on stderr, and exit status 1. Anything else is a bug in
 minidpo and keeps its traceback.
 
-Not run directly: each script's `if __name__ == "__main__":` goes through run_main.
+Not run directly: each script's `if __name__ == "__main__":` goes through run_main (the
+training scripts through run, which also ends a stopped or diverged run with one line).
 """
 
 import argparse
+import signal
 import sys
+
+import torch.distributed as dist
 
 
 class UserError(ValueError):
@@ -42,3 +46,44 @@ def run_main(main, *args):
         message = f"{e.filename}: {e.strerror.lower()}"
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(1)
+
+
+class NonFiniteLoss(UserError):  # ends the run with one line, like a user error
+    """A NaN/inf loss in float32/bfloat16 training (in float16 such a step is the
+    GradScaler's to skip): training stops with this message."""
+
+    def __init__(self, loss_value, step, dtype_name):
+        super().__init__(f"loss became {loss_value} at step {step} ({dtype_name}); stopping. "
+                         "The last checkpoint on disk is the last good one. Try a lower "
+                         "--lr or a smaller --grad-clip.")
+
+
+class Interrupted(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler, or torchrun stopping the other ranks)."""
+
+
+def run(main):
+    """Run a training script's main() so that it ends with one clear line, not a traceback,
+    on a user's mistake (run_main), when the loss turns non-finite or when the
+    process is asked to stop. Checkpoints are written atomically, so the last one on
+    disk is whole either way."""
+
+    def stop(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        run_main(main)
+        cleanup_distributed()
+    except Interrupted as e:
+        raise SystemExit(f"stopped by {e}: the last checkpoint in --out-dir is intact; run "
+                         "the same command with --resume to continue from it") from None
+
+
+def cleanup_distributed():
+    """Leave the process group once every rank is done (rank 0 may still be saving or
+    printing samples: a rank tearing down gloo before the others can abort them)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -29,8 +29,9 @@ import tasks
 import tokenizer
 import training
 from errors import ArgumentParser, run_main
-from loss import PAPER_BETA, TINYCHAT_BETA, choose_beta, concatenated_logps, response_logps
-from sample import cut_note, eval_prompts, fit_for_generation, load_model
+from flags import PAPER_BETA, TINYCHAT_BETA, choose_beta
+from loss import concatenated_logps, response_logps
+from sample import cut_note, eval_prompts, fit_for_generation, generate, load_model
 
 SKILLS = tasks.SKILLS
 
@@ -61,8 +62,8 @@ def generate_all(model, enc, rows, n_samples, temperature, max_new_tokens, seed,
         idx = torch.tensor([prompts[i] for i in group for _ in range(n_samples)],
                            device=device)  # (G * N, T)
         gen = torch.Generator(device).manual_seed(seed * 1_000_003 + group[0])
-        answers = model.generate(idx, max_new_tokens, temperature, stop_id=chat.im_end,
-                                 generator=gen)
+        answers = generate(model, idx, max_new_tokens, temperature, stop_id=chat.im_end,
+                           generator=gen)
         for j, i in enumerate(group):
             out[i] = answers[j * n_samples:(j + 1) * n_samples]
     return prompts, out

@@ -8,12 +8,16 @@ from/value (ShareGPT), Alpaca's {"instruction", "input", "output"}. Preference:
 {"prompt", "chosen", "rejected"} as strings or lists of messages; {"chosen": [msgs],
 "rejected": [msgs]} with the shared leading messages as the prompt (MiniMind);
 ShareGPT's {"conversations", "chosen": {...}, "rejected": {...}}.
+
+Also the rule that cuts a prompt to --max-prompt-len (fit_prompt), which
+data.PreferenceDataset and sample.py apply.
 """
 
 import json
 from collections import Counter
 
 from errors import UserError
+from tokenizer import encode_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -284,3 +288,52 @@ def load_records(path, parse, skip_invalid=False, log=print):
     if not out:
         raise UserError(f"{path}: no valid records")
     return out, skipped
+
+
+# ----------------------------------------------------------------------------
+# A prompt cut to fit
+
+
+def fit_prompt(chat, messages, max_prompt_len):
+    """Prompt ids (render_prompt) of at most max_prompt_len tokens that still follow the
+    chat template. Whole messages go first, oldest first, the system message kept while
+    it fits beside the last message; when the last message alone is too long, its
+    content is cut from the left, keeping its header and <|im_end|>.
+
+        >>> from data import Chat
+        >>> from tokenizer import load_tokenizer
+        >>> chat = Chat(load_tokenizer())
+        >>> messages = [{"role": "system", "content": "Be brief."},
+        ...             {"role": "user", "content": "Hi there"},
+        ...             {"role": "assistant", "content": "Hello! How can I help?"},
+        ...             {"role": "user", "content": "What is the capital of France?"}]
+        >>> len(chat.render_prompt(messages))
+        47
+        >>> print(chat.enc.decode(fit_prompt(chat, messages, 30)))  # the oldest turn goes
+        <|im_start|>system
+        Be brief.<|im_end|>
+        <|im_start|>user
+        What is the capital of France?<|im_end|>
+        <|im_start|>assistant
+        <BLANKLINE>
+        >>> print(chat.enc.decode(fit_prompt(chat, messages, 12)))  # then the system, the text
+        <|im_start|>user
+         capital of France?<|im_end|>
+        <|im_start|>assistant
+        <BLANKLINE>
+    """
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    candidates = [system + turns[start:] for start in range(len(turns))]
+    if system:
+        candidates.append(turns[-1:])  # the last message without the system message
+    for kept in candidates:
+        ids = chat.render_prompt(kept)
+        if len(ids) <= max_prompt_len:
+            return ids
+    last = turns[-1]
+    head = chat.header(last["role"])
+    tail = [chat.im_end] + chat.newline + chat.generation_prompt()
+    room = max(max_prompt_len - len(head) - len(tail), 0)
+    content = encode_text(chat.enc, last["content"])
+    return head + content[len(content) - room:] + tail

@@ -29,9 +29,6 @@ LOSSES = {"sigmoid": None, "ipo": None, **VARIANTS}  # None: written out in dpo_
 LOSS_TYPES = tuple(LOSSES)
 REFERENCE_FREE_LOSSES = REFERENCE_FREE  # they never read the reference's log-probs
 SMOOTHED_LOSSES = ("sigmoid", *SMOOTHED)  # the ones --label-smoothing acts on
-# beta when --beta is not given: 2.0 was measured on TinyChat (docs/results.md); on other
-# data the paper's 0.1 (Rafailov et al. 2023 used 0.1-0.5; TRL's default is 0.1)
-TINYCHAT_BETA, PAPER_BETA = 2.0, 0.1
 METRIC_NAMES = ("loss", "loss/dpo", "loss/nll", "loss/aux", "rewards/chosen", "rewards/rejected",
                 "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 
@@ -101,6 +98,32 @@ def concatenated_logps(model, ids, loss_mask, chunked_head=False):
     return split_chosen_rejected(*response_logps(model, ids, loss_mask, chunked_head))
 
 
+
+def pair_logps(model, batch, packed=False, chunked_head=False):
+    """(logps, n_tokens) of a data.pair_batch, each a ChosenRejected of (B,) tensors."""
+    if packed:  # the packed layout runs its own forward (extras/packed.py)
+        from extras.packed import packed_logps
+        return packed_logps(model, batch, chunked_head)
+    ids, mask = batch
+    return concatenated_logps(model, ids, mask, chunked_head)
+
+
+def reference_logps(reference, ref_table, idx, batch, device, packed=False,
+                    chunked_head=False):
+    """The reference's summed log-probs of the pairs idx (their batch: batch), as a
+    ChosenRejected of (B,) tensors: a forward of the frozen reference with no graph kept
+    (no gradient flows into it), 0 when there is no reference (--reference-free, and the
+    losses that never read it), or looked up in ref_table with --precompute-ref."""
+    if ref_table is not None:
+        rows = ref_table[idx].to(device)  # (B, 2)
+        return ChosenRejected(chosen=rows[:, 0], rejected=rows[:, 1])
+    if reference is None:  # --reference-free: log pi_ref(y|x) taken as 0
+        zeros = torch.zeros(len(idx), device=device)
+        return ChosenRejected(chosen=zeros, rejected=zeros)
+    with torch.no_grad():
+        return pair_logps(reference, batch, packed, chunked_head)[0]
+
+
 def split_chosen_rejected(logps, n_tokens):
     """(2B,) log-probs and token counts, rows 0..B-1 chosen and B..2B-1 rejected -> two
     ChosenRejected of (B,) tensors."""
@@ -112,14 +135,6 @@ def split_chosen_rejected(logps, n_tokens):
 # ----------------------------------------------------------------------------
 # The DPO loss family
 
-
-def choose_beta(beta, on_tinychat):
-    """(beta, why): the --beta given, else TINYCHAT_BETA on TinyChat, else PAPER_BETA."""
-    if beta is not None:
-        return beta, "--beta"
-    if on_tinychat:
-        return TINYCHAT_BETA, "the default measured on TinyChat; --beta to change"
-    return PAPER_BETA, "the DPO paper's, the default on data other than TinyChat; --beta to change"
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -172,6 +187,24 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     else:  # ipo, on per-token averages: h_avg = h with each gain / its answer's length
         losses = (r_w / chosen_n_tokens - r_l / rejected_n_tokens - 1 / (2 * beta)) ** 2
     return losses, beta * r_w.detach(), beta * r_l.detach()
+
+
+def dpo_objective(loss_fn, logps, n_tokens, ref, sft_alpha, aux_loss, **options):
+    """What a DPO step minimises, and its metrics: loss_fn (dpo_loss with the run's
+    hyper-parameters) per pair, their mean, plus sft_alpha times RPO's NLL of the chosen
+    answers (each pair's token mean, then the batch mean; TRL pools the tokens) and the
+    MoE's load-balancing aux_loss (0 if dense). logps and n_tokens are the policy's
+    ChosenRejected, ref the reference's; options go to loss_fn (a variant's state).
+    Returns (loss, metrics), the metrics 0-dim tensors (no host sync here)."""
+    pair_losses, chosen_rewards, rejected_rewards = loss_fn(
+        logps.chosen, logps.rejected, ref.chosen, ref.rejected,
+        chosen_n_tokens=n_tokens.chosen, rejected_n_tokens=n_tokens.rejected, **options)
+    nll = (-logps.chosen / n_tokens.chosen).mean()
+    loss = pair_losses.mean() + sft_alpha * nll + aux_loss
+    metrics = preference_metrics(pair_losses, chosen_rewards, rejected_rewards, logps)
+    metrics.update({"loss": loss.detach(), "loss/nll": nll.detach(),
+                    "loss/aux": aux_loss.detach()})
+    return loss, metrics
 
 
 def preference_metrics(losses, chosen_rewards, rejected_rewards, policy_logps):

@@ -1,4 +1,4 @@
-"""A MiniMind-style decoder-only Transformer and its KV-cache generation.
+"""A MiniMind-style decoder-only Transformer (its KV-cache generation: sample.generate).
 
 Pre-norm blocks: RMSNorm (in fp32) -> grouped-query attention with rotary
 position embeddings -> residual; RMSNorm -> SwiGLU feed-forward -> residual.
@@ -7,23 +7,22 @@ for MiniMind's checkpoints (tools/convert.py), off in the plain path: per-head q
 RMSNorm (`qk_norm`) and a mixture-of-experts feed-forward (`n_experts`, extras/moe.py).
 Checkpoints are read and written by checkpoint.py.
 
-    python model.py --preset minimind     prints the shape and parameter count
+    python flags.py --preset minimind     prints the shape and parameter count
 
 References: RMSNorm, Zhang & Sennrich 2019 (arXiv:1910.07467); RoPE, Su et al.
 2021 (arXiv:2104.09864); GQA, Ainslie et al. 2023 (arXiv:2305.13245);
 SwiGLU, Shazeer 2020 (arXiv:2002.05202).
 """
 
-import argparse
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import ArgumentParser, UserError, run_main
+from errors import UserError
 
 
 @dataclass
@@ -78,26 +77,6 @@ def make_config(preset="tiny", **overrides):
     return ModelConfig(**values)
 
 
-def add_model_args(parser):
-    """Command-line flags for the model shape: --preset and one flag per ModelConfig field."""
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                        help="named model shape; the flags below override single fields")
-    for f in fields(ModelConfig):
-        if f.name == "vocab_size":
-            continue  # always taken from the tokenizer
-        flag, help = "--" + f.name.replace("_", "-"), f"override {f.name} (default: the preset's)"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=help)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=None, help=help)
-
-
-def config_from_args(args, vocab_size):
-    overrides = {f.name: getattr(args, f.name) for f in fields(ModelConfig)
-                 if f.name != "vocab_size"}
-    return make_config(args.preset, vocab_size=vocab_size, **overrides)
-
 # ----------------------------------------------------------------------------
 # Layers
 
@@ -129,25 +108,6 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
     rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, D)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
-
-
-class KVCache:
-    """Keys and values of every layer for generation, preallocated to max_len positions."""
-
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        head_dim = config.dim // config.n_heads
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # positions filled so far (advanced by the model after each forward)
-
-    def update(self, layer, k, v):
-        """Store k, v (B, Hkv, T, D) at the next positions; return all keys/values so far."""
-        T = k.shape[2]
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        end = self.pos + T
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, Hkv, S, D)
 
 
 class Attention(nn.Module):
@@ -272,7 +232,7 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, cache=None, head_at=None, head=None):
-        """idx (B, T) token ids -> logits (B, T, V).
+        """idx (B, T) token ids -> logits (B, T, V). cache: a sample.KVCache when generating.
 
         head_at, a bool (B, T) mask of the positions a loss reads (loss.response_logps):
         the output head, the costliest matmul at this size, then runs at those N positions
@@ -307,67 +267,3 @@ class Transformer(nn.Module):
     def num_params(self):
         """Parameters, counting the tied embedding once."""
         return sum(p.numel() for p in self.parameters())
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 stop_id=None, generator=None):
-        """Continue each row of idx (B, T) by up to max_new_tokens tokens with a KV cache.
-
-        temperature 0 is greedy decoding; top_k keeps the k most likely tokens; top_p
-        keeps the smallest set whose probability reaches p. A row stops at stop_id
-        (included). Returns a list of B lists of new token ids.
-        """
-        B, T = idx.shape
-        max_len = min(T + max_new_tokens, self.config.max_seq_len)
-        cache = KVCache(self.config, B, max_len, idx.device, self.tok_embeddings.weight.dtype)
-        logits = self(idx, cache=cache)[:, -1, :]  # (B, V)
-        new_ids = []  # one (B,) tensor per step, left on the device: no sync per token
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for i in range(max_len - T):
-            next_id = sample_next(logits.float(), temperature, top_k, top_p, generator)  # (B,)
-            new_ids.append(next_id)
-            if stop_id is not None:
-                done |= next_id == stop_id
-                if i % 16 == 15 and done.all():  # one look every 16 tokens: a host sync
-                    break
-            if cache.pos >= max_len:
-                break
-            logits = self(next_id[:, None], cache=cache)[:, -1, :]  # (B, V)
-        if not new_ids:
-            return [[] for _ in range(B)]
-        rows = torch.stack(new_ids, dim=1).tolist()  # (B, L): one copy to the host
-        if stop_id is None:
-            return rows
-        return [row[:row.index(stop_id) + 1] if stop_id in row else row for row in rows]
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row of logits (B, V): argmax at temperature 0, else a sample."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)  # (B,)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the first token past p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
-
-
-def main():
-    parser = ArgumentParser(description="Print a model shape and its size.")
-    add_model_args(parser)
-    parser.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size")
-    args = parser.parse_args()
-    config = config_from_args(args, args.vocab_size)
-    print(config)
-    print(f"parameters: {Transformer(config).num_params():,}")
-
-
-if __name__ == "__main__":
-    run_main(main)

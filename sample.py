@@ -1,4 +1,5 @@
-"""Chat with a checkpoint, or show two checkpoints' answers side by side.
+"""Generation with a KV cache (generate); chat with a checkpoint, or show two checkpoints'
+answers side by side.
 
 Run:  python sample.py --ckpt out/sft.pt --prompt "What is 7 + 5?"
       python sample.py --ckpt out/sft.pt                      (interactive chat)
@@ -11,6 +12,7 @@ import os
 import torch
 
 import data
+import formats
 import devices
 import tasks
 import tokenizer
@@ -18,16 +20,95 @@ from errors import ArgumentParser, run_main
 from checkpoint import check_tokenizer, load_checkpoint, model_from_checkpoint
 
 
+# ----------------------------------------------------------------------------
+# Generation: a Transformer continued token by token, with a KV cache
+
+
+class KVCache:
+    """Keys and values of every layer for generation, preallocated to max_len positions."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        head_dim = config.dim // config.n_heads
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions filled so far (advanced by the model after each forward)
+
+    def update(self, layer, k, v):
+        """Store k, v (B, Hkv, T, D) at the next positions; return all keys/values so far."""
+        T = k.shape[2]
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, Hkv, S, D)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+             stop_id=None, generator=None):
+    """Continue each row of idx (B, T) by up to max_new_tokens tokens of the Transformer
+    model, with a KV cache (each earlier position's keys and values, computed once).
+
+    temperature 0 is greedy decoding; top_k keeps the k most likely tokens; top_p
+    keeps the smallest set whose probability reaches p. A row stops at stop_id
+    (included). Returns a list of B lists of new token ids.
+    """
+    B, T = idx.shape
+    max_len = min(T + max_new_tokens, model.config.max_seq_len)
+    cache = KVCache(model.config, B, max_len, idx.device, model.tok_embeddings.weight.dtype)
+    logits = model(idx, cache=cache)[:, -1, :]  # (B, V)
+    new_ids = []  # one (B,) tensor per step, left on the device: no sync per token
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    for i in range(max_len - T):
+        next_id = sample_next(logits.float(), temperature, top_k, top_p, generator)  # (B,)
+        new_ids.append(next_id)
+        if stop_id is not None:
+            done |= next_id == stop_id
+            if i % 16 == 15 and done.all():  # one look every 16 tokens: a host sync
+                break
+        if cache.pos >= max_len:
+            break
+        logits = model(next_id[:, None], cache=cache)[:, -1, :]  # (B, V)
+    if not new_ids:
+        return [[] for _ in range(B)]
+    rows = torch.stack(new_ids, dim=1).tolist()  # (B, L): one copy to the host
+    if stop_id is None:
+        return rows
+    return [row[:row.index(stop_id) + 1] if stop_id in row else row for row in rows]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits (B, V): argmax at temperature 0, else a sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the first token past p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+# ----------------------------------------------------------------------------
+# Chat and side-by-side answers
+
+
 def fit_for_generation(chat, messages, max_seq_len, max_new_tokens):
     """Prompt ids that leave max_new_tokens of room in the model's context (the prompt
     keeps at least half of it; the reply then stops at the context's end). A longer
-    conversation is cut by training's rule, data.fit_prompt: whole oldest turns first,
+    conversation is cut by training's rule, formats.fit_prompt: whole oldest turns first,
     then the last message's text from the left, headers kept. Returns (ids, was_cut)."""
     ids = chat.render_prompt(messages)
     room = max(max_seq_len - max_new_tokens, max_seq_len // 2)
     if len(ids) <= room:
         return ids, False
-    return data.fit_prompt(chat, messages, room), True
+    return formats.fit_prompt(chat, messages, room), True
 
 
 def cut_note(max_seq_len, max_new_tokens, how_many="prompts"):
@@ -57,8 +138,8 @@ def reply(model, enc, messages, max_new_tokens=96, temperature=0.0, top_k=None, 
     if cut:
         note(cut_note(model.config.max_seq_len, max_new_tokens))
     prompt = torch.tensor([ids] * num_samples, device=device)  # (N, T)
-    outs = model.generate(prompt, max_new_tokens, temperature, top_k, top_p,
-                          stop_id=chat.im_end, generator=generator)
+    outs = generate(model, prompt, max_new_tokens, temperature, top_k, top_p,
+                    stop_id=chat.im_end, generator=generator)
     return [enc.decode([t for t in out if t != chat.im_end]) for out in outs]
 
 

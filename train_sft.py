@@ -2,7 +2,7 @@
 
 The loss is the token-mean cross-entropy over assistant tokens only (the chat
 template's loss mask). The result, out/sft.pt, is where DPO starts.
-train_dpo.py has the same numbered sections; `diff train_sft.py train_dpo.py`
+The two scripts have the same numbered sections: `diff train_sft.py train_dpo.py`
 shows what DPO adds.
 
 Run:  python train_sft.py                              (TinyChat, tiny preset, ~4 min on 2 cores)
@@ -10,7 +10,6 @@ Run:  python train_sft.py                              (TinyChat, tiny preset, ~
       python train_sft.py --data my_sft.jsonl --val-data my_val.jsonl --tokenizer my.tiktoken
 """
 
-import argparse
 import math
 import os
 import time
@@ -19,44 +18,26 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import data
 import devices
+import errors
+import flags
 import tokenizer
 import training
-from errors import ArgumentParser, UserError
-from checkpoint import save_checkpoint
 from loss import response_logps
-from model import Transformer, add_model_args, config_from_args
+from model import Transformer
 from sample import show_samples
 
 STAGE = "sft"
 METRIC_NAMES = ("loss", "loss/aux")  # loss/aux: MoE load balancing (0 if dense)
 
-# The flags that define a run (--resume refuses to continue another; training.run_identity)
-RUN_KEYS = ("batch_size", "grad_accum", "max_len", "seed", "lr", "min_lr_ratio", "warmup_steps",
-             "weight_decay", "grad_clip", "epochs", "steps", "dtype", "group_by_length")
-
 
 # ----------------------------------------------------------------------------
-# 1. Arguments
+# 1. Arguments: every flag, its default and its help text are in flags.py
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", default=os.path.join(data.DATA_DIR, "sft_train.jsonl"),
-                        help="SFT training file (.jsonl or .json, any supported format)")
-    parser.add_argument("--val-data", default=os.path.join(data.DATA_DIR, "sft_val.jsonl"),
-                        help="SFT validation file ('' for none)")
-    parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER,
-                        help=".tiktoken file (train one with python tokenizer.py)")
-    parser.add_argument("--samples", type=int, default=6,
-                        help="greedy answers printed at the end: to held-out TinyChat prompts "
-                        "(judged) on TinyChat data, else to the first --val-data prompts")
-    add_model_args(parser)
-    training.add_training_args(parser, dict(out_dir="out", epochs=2.0, batch_size=32,
-                                            lr=2e-3, warmup_steps=50, max_len=256,
-                                            eval_every=200))
-    return parser.parse_args(argv)
+    return flags.parse_sft_args(argv, __doc__.split("\n\n")[0])
 
 
 def main(argv=None):
@@ -88,18 +69,18 @@ def main(argv=None):
                                  args.seed, 0, 1, args.grad_accum, args.group_by_length)
     targets = [sum(mask[1:]) for _, mask in train_ds.items]  # assistant tokens predicted
     if order.steps_per_epoch == 0:
-        raise UserError(f"{args.data}: {len(train_ds)} conversations are fewer than one "
-                        f"global batch ({args.batch_size} x {dist_info.world_size})")
+        raise errors.UserError(f"{args.data}: {len(train_ds)} conversations are fewer than one "
+                               f"global batch ({args.batch_size} x {dist_info.world_size})")
     n_steps = training.total_steps(args, order.steps_per_epoch)
     log(f"{len(train_ds)} training conversations ({train_ds.truncated} cut to --max-len "
         f"{args.max_len}), {order.steps_per_epoch} steps per epoch, {n_steps} steps")
 
     # ------------------------------------------------------------------------
     # 4. Model (and, with --resume, the weights of the last checkpoint)
-    model = Transformer(config_from_args(args, enc.n_vocab))
+    model = Transformer(flags.config_from_args(args, enc.n_vocab))
     model.to(device)
-    run = training.run_identity(args, RUN_KEYS, dist_info.world_size, model.config)
-    resume = training.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
+    run = checkpoint.run_identity(args, flags.RUN_KEYS[STAGE], dist_info.world_size, model.config)
+    resume = checkpoint.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
     training.check_max_len(args.max_len, model.config)
     log(f"model: {model.num_params():,} parameters, {model.config}")
     raw_model = model  # the unwrapped model: what we save and evaluate
@@ -109,7 +90,7 @@ def main(argv=None):
     # 5. Optimizer, learning-rate schedule, AMP scaler
     optimizer = training.configure_optimizer(raw_model, args.lr, args.weight_decay)
     scaler = training.make_scaler(device, args.dtype)
-    start_step = training.restore_training_state(resume, optimizer, scaler, device)
+    start_step = checkpoint.restore_training_state(resume, optimizer, scaler, device)
     if resume is not None:
         log(f"resumed from {ckpt_path} at step {start_step}")
     metrics_log = training.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
@@ -162,7 +143,7 @@ def main(argv=None):
             torch.distributed.all_reduce(values)  # summed over ranks: one collective
         record = dict(zip(METRIC_NAMES, (values / dist_info.world_size).tolist()))  # 1 sync
         if not math.isfinite(record["loss"]) and args.dtype != "float16":  # fp16: scaler skips
-            raise training.NonFiniteLoss(record["loss"], step, args.dtype)
+            raise errors.NonFiniteLoss(record["loss"], step, args.dtype)
         done = step + 1
         elapsed = time.time() - t0
         record.update(step=done, grad_norm=grad_norm, lr=lr, skipped_steps=skipped_steps,
@@ -178,8 +159,8 @@ def main(argv=None):
             metrics_log.write(record)
         if is_main and not args.no_save and (done == end_step or
                                              (args.save_every and done % args.save_every == 0)):
-            state = training.train_state(optimizer, scaler, done, args, run, device)
-            save_checkpoint(ckpt_path, raw_model, tokenizer_id, state)
+            state = checkpoint.train_state(optimizer, scaler, done, args, run, device)
+            checkpoint.save_checkpoint(ckpt_path, raw_model, tokenizer_id, state)
 
     # ------------------------------------------------------------------------
     # 7. Save (done above at the last step) and show a few answers
@@ -193,8 +174,8 @@ def main(argv=None):
 
 
 def evaluate(model, dataset, args, ctx, dist_info):
-    """Token-mean cross-entropy over a held-out set, split over ranks. Runs on the
-    unwrapped model: a DDP forward on one rank only would wait for the others."""
+    """The token-mean cross-entropy over a held-out set, split over ranks.
+    Runs on the unwrapped model: a DDP forward on one rank only would wait for the others."""
     model.eval()
     totals = [0.0, 0.0]  # summed NLL, tokens
     with torch.no_grad():
@@ -211,4 +192,4 @@ def evaluate(model, dataset, args, ctx, dist_info):
 
 
 if __name__ == "__main__":
-    training.run(main)
+    errors.run(main)

@@ -28,6 +28,11 @@ SMOOTHED = ("robust", "simpo")  # the variants --label-smoothing acts on
 RUN_KEYS = ("dpop_lambda", "simpo_gamma", "rdpo_alpha")  # flags that change the numbers
 
 
+def options(args):
+    """The variants' own hyper-parameters from the parsed flags, as dpo_loss keywords."""
+    return {name: getattr(args, name) for name in RUN_KEYS}
+
+
 def add_args(parser):
     """The variants' own flags (train_dpo.py)."""
     parser.add_argument("--dpop-lambda", type=float, default=50.0,

@@ -10,8 +10,8 @@ import time
 
 import torch
 
+import checkpoint
 import data
-import training
 from checkpoint import save_tensors
 from loss import concatenated_logps
 
@@ -20,7 +20,7 @@ def precompute(reference, train_ds, val_ds, args, run, ctx, dist_info, log):
     """--precompute-ref: the reference's (chosen, rejected) log-probs of every training and
     held-out pair, {"train": (N, 2), "val": (M, 2)}, cached on disk under a key of
     everything they depend on (SFT weights, data files, tokenisation, dtype); the file
-    hashes come from `run` (training.run_identity), which has them already."""
+    hashes come from `run` (checkpoint.run_identity), which has them already."""
     key = reference_cache_key(args, run, reference.config, val_ds is not None,
                               dist_info.device.type)
     cache_path = os.path.join(args.out_dir, "dpo", f"ref_logps_{key}.pt")
@@ -51,7 +51,7 @@ def reference_cache_key(args, run, config, has_val, device_type):
     return hashlib.sha256("|".join([
         (run.get("ref_ckpt_sha256") or run["sft_ckpt_sha256"]) if args.sft_ckpt
         else f"random-init-seed{args.seed}-{config}",
-        run["data_sha256"], training.file_digest(args.val_data) if has_val else "",
+        run["data_sha256"], checkpoint.file_digest(args.val_data) if has_val else "",
         run["tokenizer_sha256"], str(args.max_len), str(args.max_prompt_len), args.dtype,
         str(args.skip_invalid), device_type]).encode()).hexdigest()[:16]
 

@@ -3,8 +3,8 @@ turns NaN on rank 1 only, at its third step (step index 2)."""
 
 import os
 
+import errors
 import train_dpo
-import training
 
 real_dpo_loss = train_dpo.dpo_loss
 calls = []
@@ -20,4 +20,4 @@ def dpo_loss_nan_on_rank1(*args, **kwargs):
 
 if __name__ == "__main__":
     train_dpo.dpo_loss = dpo_loss_nan_on_rank1
-    training.run(train_dpo.main)
+    errors.run(train_dpo.main)

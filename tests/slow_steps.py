@@ -5,6 +5,7 @@ however fast."""
 
 import time
 
+import errors
 import train_dpo
 import training
 
@@ -18,4 +19,4 @@ def slow_lr_at(*args, **kwargs):
 
 if __name__ == "__main__":
     training.lr_at = slow_lr_at
-    training.run(train_dpo.main)
+    errors.run(train_dpo.main)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import data
+import formats
 import tokenizer
 
 SYS, USER, ASSISTANT = "system", "user", "assistant"
@@ -152,18 +153,18 @@ def test_prompt_truncation_keeps_the_template_whole(enc):
     full = chat.render_prompt([system] + turns)
     header_user, gen = chat.header("user"), chat.header("assistant")
     for max_prompt_len in (len(full), 80, 40, 12):
-        ids = data.fit_prompt(chat, [system] + turns, max_prompt_len)
+        ids = formats.fit_prompt(chat, [system] + turns, max_prompt_len)
         assert len(ids) <= max_prompt_len
         assert ids[:len(header_user)] == header_user or ids[:2] == chat.header("system")[:2]
         assert ids[-len(gen):] == gen and ids[-len(gen) - 2] == chat.im_end
         text = enc.decode(ids)
         assert text.count("<|im_start|>") == text.count("<|im_end|>") + 1  # whole turns
-    assert data.fit_prompt(chat, [system] + turns, len(full)) == full
+    assert formats.fit_prompt(chat, [system] + turns, len(full)) == full
     system_and_last = chat.render_prompt([system] + turns[-1:])  # oldest turns out
-    assert data.fit_prompt(chat, [system] + turns, len(system_and_last)) == system_and_last
+    assert formats.fit_prompt(chat, [system] + turns, len(system_and_last)) == system_and_last
     last = chat.render_prompt(turns[-1:])  # then the system message
-    assert data.fit_prompt(chat, [system] + turns, len(system_and_last) - 1) == last
-    cut = data.fit_prompt(chat, [system] + turns, 12)
+    assert formats.fit_prompt(chat, [system] + turns, len(system_and_last) - 1) == last
+    cut = formats.fit_prompt(chat, [system] + turns, 12)
     assert len(cut) == 12 and enc.decode(cut).endswith("word <|im_end|>\n<|im_start|>assistant\n")
 
 

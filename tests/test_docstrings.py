@@ -9,9 +9,10 @@ import pytest
 from conftest import ROOT
 
 MODULES = ["tokenizer", "data", "loss", "model", "training", "tasks", "train_sft",
-           "train_dpo", "evaluate", "sample", "formats", "checkpoint", "devices", "errors",
+           "train_dpo", "evaluate", "sample", "formats", "checkpoint", "devices", "errors", "flags",
            "extras.losses", "extras.packed", "extras.chunked_head", "extras.moe",
            "extras.minimind", "extras.variant_state", "extras.precomputed_reference",
+           "extras.wandb_log",
            "tools.bench", "tools.convert", "tools.sweep", "tools.iterate", "tools.plot"]
 
 

@@ -13,7 +13,7 @@ import pytest
 import train_dpo
 from conftest import QUIET, ROOT, SHAPE, command
 from checkpoint import load_checkpoint
-from training import file_digest
+from checkpoint import file_digest
 
 
 def run(script, *args, timeout=300, launcher=(sys.executable,)):

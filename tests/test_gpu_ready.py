@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import checkpoint
 import devices
 import train_dpo
 import training
@@ -16,6 +17,7 @@ from conftest import dpo_args
 from errors import UserError
 from extras import precomputed_reference
 from model import ModelConfig, Transformer
+from sample import generate
 
 
 @pytest.mark.parametrize("requested, torchrun, local_rank, local_world, gpus, expected", [
@@ -62,12 +64,12 @@ def test_the_rng_state_is_this_processs_gpu_only(monkeypatch):
                         lambda state, device: calls.append(("set", device)))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("all GPUs"))
     gpu = torch.device("cuda:1")
-    state = training.rng_state(gpu)
-    training.set_rng_state(state, gpu)
+    state = checkpoint.rng_state(gpu)
+    checkpoint.set_rng_state(state, gpu)
     assert calls == [("get", gpu), ("set", gpu)]
-    cpu_state = training.rng_state(torch.device("cpu"))
+    cpu_state = checkpoint.rng_state(torch.device("cpu"))
     assert "cuda" not in cpu_state
-    training.set_rng_state(state, torch.device("cpu"))  # a GPU checkpoint resumed on CPU
+    checkpoint.set_rng_state(state, torch.device("cpu"))  # a GPU checkpoint resumed on CPU
     assert len(calls) == 2
 
 
@@ -138,13 +140,13 @@ def test_generation_syncs_with_the_host_once_in_16_tokens(monkeypatch):
     model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
                                     max_seq_len=128)).eval()
     ids = torch.randint(0, 50, (4, 5))
-    expected = model.generate(ids, 64, temperature=0, stop_id=7)
+    expected = generate(model, ids, 64, temperature=0, stop_id=7)
     syncs = []
     for name in ("__bool__", "item", "tolist", "__int__"):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name:
                             syncs.append(_name) or _real(self, *a))
-    assert model.generate(ids, 64, temperature=0, stop_id=7) == expected
+    assert generate(model, ids, 64, temperature=0, stop_id=7) == expected
     assert len(syncs) <= 64 // 16 + 1, syncs
     monkeypatch.undo()
     for row in expected:  # the rows stop at stop_id, included

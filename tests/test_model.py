@@ -8,6 +8,7 @@ import torch
 from loss import sequence_logps
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import ModelConfig, Transformer, apply_rope, make_config, rope_tables
+from sample import generate
 
 SMALL = {  # the presets' head layouts at small widths, so the tests take seconds
     "tiny": dict(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, max_seq_len=64),
@@ -50,16 +51,16 @@ def test_kv_cache_greedy_equals_full_reforward(shape):
     g = torch.Generator().manual_seed(0)
     for length in (1, 5, 13):
         prompt = torch.randint(0, 97, (length,), generator=g).tolist()
-        cached = model.generate(torch.tensor([prompt]), 20, temperature=0)[0]
+        cached = generate(model, torch.tensor([prompt]), 20, temperature=0)[0]
         assert cached == greedy_by_full_forward(model, prompt, 20)
 
 
 def test_generate_stops_at_stop_id_and_batches_rows():
     model = small_model()
     prompt = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(2))
-    free = model.generate(prompt, 12, temperature=0)
+    free = generate(model, prompt, 12, temperature=0)
     stop = free[0][4]
-    stopped = model.generate(prompt, 12, temperature=0, stop_id=stop)
+    stopped = generate(model, prompt, 12, temperature=0, stop_id=stop)
     assert stopped[0] == free[0][:free[0].index(stop) + 1]
     for row, out in zip(prompt.tolist(), free):
         assert out == greedy_by_full_forward(model, row, 12)
@@ -69,10 +70,10 @@ def test_sampling_with_top_k_one_is_greedy():
     model = small_model()
     prompt = torch.tensor([[1, 2, 3]])
     g = torch.Generator().manual_seed(0)
-    assert model.generate(prompt, 10, temperature=1.0, top_k=1, generator=g) == \
-        model.generate(prompt, 10, temperature=0)
-    assert model.generate(prompt, 10, temperature=1.0, top_p=1e-6, generator=g) == \
-        model.generate(prompt, 10, temperature=0)
+    assert generate(model, prompt, 10, temperature=1.0, top_k=1, generator=g) == \
+        generate(model, prompt, 10, temperature=0)
+    assert generate(model, prompt, 10, temperature=1.0, top_p=1e-6, generator=g) == \
+        generate(model, prompt, 10, temperature=0)
 
 
 def test_rope_dot_product_depends_only_on_offset():

@@ -12,7 +12,9 @@ import weakref
 import pytest
 import torch
 
+import checkpoint
 import data
+import errors
 import train_dpo
 import train_sft
 import training
@@ -84,7 +86,7 @@ def test_precomputed_reference_equals_on_the_fly_and_frees_the_model(files, sft_
     common = ["--steps", "5", "--batch-size", "8"]
     train_dpo.main(dpo_args(files, tmp_path / "fly", sft_ckpt, *common))
     made, seen = [], []
-    real_deepcopy, real_reference_logps = training.copy.deepcopy, train_dpo.reference_logps
+    real_deepcopy, real_reference_logps = checkpoint.copy.deepcopy, train_dpo.reference_logps
 
     def deepcopy(model):
         ref = real_deepcopy(model)
@@ -95,7 +97,7 @@ def test_precomputed_reference_equals_on_the_fly_and_frees_the_model(files, sft_
         seen.append((reference is None, made[0]() is None))
         return real_reference_logps(reference, table, *args)
 
-    monkeypatch.setattr(training, "copy", types.SimpleNamespace(deepcopy=deepcopy))
+    monkeypatch.setattr(checkpoint, "copy", types.SimpleNamespace(deepcopy=deepcopy))
     monkeypatch.setattr(train_dpo, "reference_logps", reference_logps)
     train_dpo.main(dpo_args(files, tmp_path / "pre", sft_ckpt, *common, "--precompute-ref"))
     assert seen and all(none and freed for none, freed in seen)
@@ -167,7 +169,7 @@ def test_non_finite_loss_in_float32_stops_with_a_clear_message(files, sft_ckpt, 
         return (losses * float("nan") if len(calls) == 4 else losses), chosen, rejected
 
     monkeypatch.setattr(train_dpo, "dpo_loss", poisoned_dpo_loss)
-    with pytest.raises(training.NonFiniteLoss, match="at step 3 .*last good one"):
+    with pytest.raises(errors.NonFiniteLoss, match="at step 3 .*last good one"):
         train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "8", "--batch-size",
                                 "4", "--save-every", "2", "--eval-every", "0"))
     assert len(calls) == 4  # stopped at once

@@ -50,11 +50,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import devices
 import tokenizer
 import train_dpo
-import training
 from errors import ArgumentParser, UserError, run_main
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -189,7 +189,7 @@ def naive_main(argv):
     enc = tokenizer.load_tokenizer(args.tokenizer)
     train_ds = data.PreferenceDataset(args.data, enc, args.max_len, args.max_prompt_len,
                                       args.skip_invalid, log=None)
-    model = training.policy_from_sft(args, enc.n_vocab, tokenizer.tokenizer_identity(
+    model = checkpoint.policy_from_sft(args, enc.n_vocab, tokenizer.tokenizer_identity(
         args.tokenizer))
     model.to(device)
     reference = copy.deepcopy(model).eval().requires_grad_(False)

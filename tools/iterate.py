@@ -41,7 +41,7 @@ import tasks
 import tokenizer
 from errors import ArgumentParser, UserError, run_main
 from evaluate import answer_logps, judge_answers, kl_estimate, summarize, win_rate
-from loss import TINYCHAT_BETA
+from flags import TINYCHAT_BETA
 from checkpoint import atomic_write
 from sample import eval_prompts, load_model
 

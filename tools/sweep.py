@@ -24,7 +24,7 @@ import sys
 import time
 
 from errors import ArgumentParser, UserError, run_main
-from training import file_digest
+from checkpoint import file_digest
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 

@@ -16,6 +16,7 @@ import training
 from conftest import ROOT, dpo_args, max_diff, sft_args, weights
 from checkpoint import load_checkpoint, model_from_checkpoint
 from model import Transformer, make_config
+from sample import generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA GPU here: the GPU tier runs where "
@@ -79,7 +80,7 @@ def test_kv_cache_generation_equals_full_reforward_on_the_gpu():
     model = Transformer(make_config("tiny", vocab_size=97, dim=64, n_layers=2, n_heads=4,
                                     n_kv_heads=2, max_seq_len=64)).cuda().eval()
     ids = torch.randint(0, 97, (3, 7), device="cuda")
-    cached = model.generate(ids, 20, temperature=0)
+    cached = generate(model, ids, 20, temperature=0)
     full = ids
     with torch.no_grad():
         for _ in range(20):
