@@ -158,3 +158,29 @@ def test_without_matplotlib_one_line_says_what_to_install(tmp_path, monkeypatch)
     assert result.returncode == 1
     assert result.stderr == ("error: the figures need matplotlib, an optional extra: pip "
                              "install matplotlib\n")
+
+
+def test_frontier_joins_the_beta_sweep_and_keeps_labels_apart(tmp_path):
+    results = {str(tmp_path / "sft.pt"): scores(0.50, 0.0, 0.4)}
+    runs = {"sigmoid": ([], 0.74, 0.7), "beta-0.1": (["--beta", "0.1"], 0.50, 90.0),
+            "beta-5": (["--beta", "5"], 0.70, 0.3), "orpo": (["--loss", "orpo"], 0.78, 0.57),
+            "apo_zero": (["--loss", "apo_zero"], 0.777, 0.65),
+            "rpo": (["--sft-alpha", "1.0"], 0.753, 0.56)}
+    for name, (flags, score, kl) in runs.items():  # tools/sweep.py's folders
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "run.json", "w", encoding="utf-8") as f:
+            json.dump({"name": name, "flags": flags + ["--precompute-ref"]}, f)
+        results[str(tmp_path / name / "dpo.pt")] = scores(score, kl, 0.5)
+    fig = plot.frontier_figure([report(tmp_path / "results.json", results)])
+    ax = fig.axes[0]
+    curve = [line for line in ax.lines if line.get_label().startswith("plain DPO")]
+    assert len(curve) == 1  # the beta runs and the default (beta 2), in KL order
+    assert list(curve[0].get_xdata()) == [0.3, 0.7, 90.0]
+    assert list(curve[0].get_ydata()) == [0.70, 0.74, 0.50]
+    texts = {t.get_text(): t for t in ax.texts}
+    assert {"β 2", "β 0.1", "β 5", "orpo", "apo_zero", "rpo", "SFT (reference)"} == set(texts)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    inside = ax.get_window_extent(renderer)
+    assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 for b in boxes)

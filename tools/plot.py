@@ -18,6 +18,7 @@ import json
 import os
 
 from errors import ArgumentParser, UserError, run_main
+from flags import TINYCHAT_BETA
 
 SAMPLED = "sampled T=1/"
 SKILLS = ("arithmetic", "facts", "words", "harmful", "benign", "tone")
@@ -124,30 +125,83 @@ def frontier_figure(results_paths):
                 label=f"on-policy rounds ({run})")
         for r in points[1:]:
             color_of[id(r)] = color
-    named_ref, kls = False, []
+    betas = {path: beta_of_run(path) for path in results}
+    curve = sorted((r.get(SAMPLED + "kl_vs_ref", 0.0), r[SAMPLED + "score"])
+                   for path, r in results.items() if betas[path] is not None)
+    if len(curve) > 1:  # plain DPO (Eq. 7) at each beta of the sweep, joined
+        ax.plot(*zip(*curve), "-", lw=1, color="tab:blue", zorder=0,
+                label="plain DPO (Eq. 7), one point per β")
+    named_ref, kls, labels = False, [], []
     for path, r in results.items():
         folder = os.path.dirname(path)  # a run's folder names it; out/dpo.pt its file
         name = os.path.basename(folder) if os.path.dirname(folder) else os.path.basename(path)
+        if betas[path] is not None:
+            name = f"β {betas[path]:g}"
         kl = r.get(SAMPLED + "kl_vs_ref", 0.0)
         kls.append(kl)
         is_ref = kl == 0.0
+        color = "tab:blue" if betas[path] is not None else color_of.get(id(r), "dimgrey")
         ax.errorbar(kl, r[SAMPLED + "score"], xerr=r.get(SAMPLED + "kl_stderr", 0.0),
                     fmt="*" if is_ref else "o", ms=12 if is_ref else 5,
-                    color="black" if is_ref else color_of.get(id(r), "dimgrey"))
+                    color="black" if is_ref else color)
         if (is_ref and named_ref) or (not is_ref and id(r) in color_of):
             continue
         named_ref = named_ref or is_ref
-        ax.annotate("SFT (reference)" if is_ref else name, (kl, r[SAMPLED + "score"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+        labels.append(ax.annotate("SFT (reference)" if is_ref else name,
+                                  (kl, r[SAMPLED + "score"]), textcoords="offset points",
+                                  xytext=(5, 4), fontsize=8,
+                                  color=color if betas[path] is not None else "black"))
     wide = max(kls, default=0.0) > 10  # KLs over orders of magnitude: a symlog axis
     ax.set(title="Reward against KL: judge score vs KL(π ‖ π_ref)",
            xscale="symlog" if wide else "linear",
            xlabel="KL from the reference on the policy's samples, nats"
            + (" (symlog)" if wide else ""), ylabel="mean judge score, sampled at T = 1")
-    if trajectories:
-        ax.legend(fontsize=8, loc="lower right")
+    if trajectories or len(curve) > 1:
+        ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
+    spread_labels(fig, ax, labels)
     return fig
+
+
+def beta_of_run(path):
+    """beta of a plain-DPO run of tools/sweep.py (its run.json beside the checkpoint has
+    no flag but --beta and --precompute-ref), else None."""
+    record = os.path.join(os.path.dirname(path), "run.json")
+    if not os.path.exists(record):
+        return None
+    with open(record, encoding="utf-8") as f:
+        flags = [flag for flag in json.load(f)["flags"] if flag != "--precompute-ref"]
+    if not flags:
+        return TINYCHAT_BETA  # sweep.py's defaults, on TinyChat
+    if len(flags) == 2 and flags[0] == "--beta":
+        return float(flags[1])
+    return None
+
+
+def spread_labels(fig, ax, labels):
+    """Move each point's label to the first of a few places beside it that stays inside
+    the axes and overlaps neither the legend nor a label placed before it (points close
+    together would otherwise print over each other)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    legend = ax.get_legend()
+    placed = [legend.get_window_extent(renderer)] if legend is not None else []
+    offsets = [(5, 4), (5, -11), (-5, 4), (-5, -11), (5, 13), (5, -20), (-5, 13), (-5, -20)]
+    for label in labels:
+        for dx, dy in offsets:
+            label.set_position((dx, dy))
+            label.set_horizontalalignment("left" if dx > 0 else "right")
+            box = label.get_window_extent(renderer)
+            fits = (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0
+                    and box.y1 <= inside.y1)
+            if fits and not any(box.overlaps(other) for other in placed):
+                break
+        else:
+            label.set_position(offsets[0])
+            label.set_horizontalalignment("left")
+            box = label.get_window_extent(renderer)
+        placed.append(box)
 
 
 def skills_figure(results_path):
