@@ -24,8 +24,15 @@ class ArgumentParser(argparse.ArgumentParser):
     stderr and exit status 2, not the whole usage."""
 
     def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        say(f"error: {message} (see {self.prog} --help)")
         raise SystemExit(2)
+
+
+def say(line):
+    """line and its newline to stderr in one write: under torchrun the ranks share stderr,
+    and print's two writes (text, then newline) of two ranks can interleave on one line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def one_line(message):
@@ -44,7 +51,7 @@ def run_main(main, *args):
         if e.filename is None:  # not about a file the user named: a bug, keep the traceback
             raise
         message = f"{e.filename}: {e.strerror.lower()}"
-    print(f"error: {message}", file=sys.stderr)
+    say(f"error: {message}")
     raise SystemExit(1)
 
 
