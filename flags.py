@@ -14,8 +14,7 @@ from errors import ArgumentParser, run_main
 from extras import losses, variant_state
 from loss import LOSS_TYPES, REFERENCE_FREE_LOSSES, SMOOTHED_LOSSES
 from model import PRESETS, ModelConfig, Transformer, make_config
-
-DTYPE_NAMES = ("bfloat16", "float16", "float32")
+from training import DTYPES
 
 # beta when --beta is not given: 2.0 was measured on TinyChat (docs/results.md); on other
 # data the paper's 0.1 (Rafailov et al. 2023 used 0.1-0.5; TRL's default is 0.1)
@@ -137,7 +136,7 @@ def add_training_args(parser, defaults):
     a("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices only")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     a("--max-len", type=int, default=defaults["max_len"], help="longest sequence in tokens")
-    a("--dtype", default="float32", choices=DTYPE_NAMES,
+    a("--dtype", default="float32", choices=sorted(DTYPES),
       help="autocast dtype; float16 also enables a GradScaler")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--seed", type=int, default=1337, help="seed for initialisation and data order")
