@@ -116,7 +116,6 @@ def is_tinychat(path):
 # Datasets, truncation, collate, batch order
 
 
-
 class SFTDataset:
     """Tokenised SFT conversations: each item is (ids, mask), cut from the right to max_len.
     Conversations left with no assistant token are dropped and counted."""
@@ -154,10 +153,10 @@ class PreferenceDataset:
     """Tokenised preference pairs. Each item is a dict with prompt ids and, for chosen and
     rejected, response ids and mask; both share the very same prompt ids.
 
-    The prompt is cut by formats.fit_prompt to max_prompt_len, each response from the right so
-    that prompt + response <= max_len. Dropped and counted, after truncation: pairs left
-    with no response tokens, and pairs whose chosen and rejected are identical (no
-    DPO gradient: h is 0 whatever the policy)."""
+    The prompt is cut by formats.fit_prompt to max_prompt_len, each response from the
+    right so that prompt + response <= max_len. Dropped and counted, after truncation:
+    pairs left with no response tokens, and pairs whose chosen and rejected are identical
+    (no DPO gradient: h is 0 whatever the policy)."""
 
     def __init__(self, path, enc, max_len=256, max_prompt_len=128, skip_invalid=False,
                  log=print):
@@ -248,7 +247,6 @@ def collate_pairs(items, pad_id):
                        padding_value=pad_id)  # (2B, T)
     loss_mask = pad_sequence([torch.tensor(m) for m in masks], batch_first=True)  # (2B, T)
     return ids, loss_mask
-
 
 
 def pair_batch(dataset, idx, device, packed=False):

@@ -11,8 +11,6 @@ import argparse
 import signal
 import sys
 
-import torch.distributed as dist
-
 
 class UserError(ValueError):
     """A problem with the user's files or flags; the message names the file (and line)
@@ -91,6 +89,7 @@ def run(main):
 def cleanup_distributed():
     """Leave the process group once every rank is done (rank 0 may still be saving or
     printing samples: a rank tearing down gloo before the others can abort them)."""
+    import torch.distributed as dist  # here: the other scripts need no torch to say an error
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -104,6 +104,7 @@ def choose_beta(beta, on_tinychat):
         return TINYCHAT_BETA, "the default measured on TinyChat; --beta to change"
     return PAPER_BETA, "the DPO paper's, the default on data other than TinyChat; --beta to change"
 
+
 def stage_parser(description, data_file, val_file, data_help, val_help):
     """A parser with the flags naming a stage's inputs."""
     parser = ArgumentParser(description=description,

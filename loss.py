@@ -98,7 +98,6 @@ def concatenated_logps(model, ids, loss_mask, chunked_head=False):
     return split_chosen_rejected(*response_logps(model, ids, loss_mask, chunked_head))
 
 
-
 def pair_logps(model, batch, packed=False, chunked_head=False):
     """(logps, n_tokens) of a data.pair_batch, each a ChosenRejected of (B,) tensors."""
     if packed:  # the packed layout runs its own forward (extras/packed.py)
@@ -134,7 +133,6 @@ def split_chosen_rejected(logps, n_tokens):
 
 # ----------------------------------------------------------------------------
 # The DPO loss family
-
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,

@@ -10,9 +10,8 @@ import time
 
 import torch
 
-import checkpoint
 import data
-from checkpoint import save_tensors
+from checkpoint import file_digest, save_tensors
 from loss import concatenated_logps
 
 
@@ -51,7 +50,7 @@ def reference_cache_key(args, run, config, has_val, device_type):
     return hashlib.sha256("|".join([
         (run.get("ref_ckpt_sha256") or run["sft_ckpt_sha256"]) if args.sft_ckpt
         else f"random-init-seed{args.seed}-{config}",
-        run["data_sha256"], checkpoint.file_digest(args.val_data) if has_val else "",
+        run["data_sha256"], file_digest(args.val_data) if has_val else "",
         run["tokenizer_sha256"], str(args.max_len), str(args.max_prompt_len), args.dtype,
         str(args.skip_invalid), device_type]).encode()).hexdigest()[:16]
 
