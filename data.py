@@ -208,8 +208,9 @@ def pair_length(item):
 
 def to_device(tensor, device):
     """A batch made on the CPU, onto device: on CUDA copied from pinned memory without
-    blocking, so the copy overlaps the work already queued."""
-    if device.type != "cuda":
+    blocking, so the copy overlaps the work already queued (a copy from pageable memory
+    would wait for it)."""
+    if device.type != "cuda" or tensor.is_cuda:
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
@@ -250,15 +251,17 @@ def collate_pairs(items, pad_id):
 
 
 def pair_batch(dataset, idx, device, packed=False):
-    """The pairs idx of dataset as one batch on device: (ids, mask) of collate_pairs, each
-    (2B, T), rows 0..B-1 chosen and B..2B-1 rejected. packed=True (--packed) is the one
-    switch for another batch layout: each prompt once, no padding (extras/packed.py)."""
+    """The pairs idx of dataset as one batch: (ids, mask) of collate_pairs, each (2B, T),
+    rows 0..B-1 chosen and B..2B-1 rejected, the ids on device and the mask left on the
+    host (loss.response_logps finds the response positions there, without waiting for the
+    GPU). packed=True (--packed) is the one switch for another batch layout: each prompt
+    once, no padding (extras/packed.py)."""
     items = [dataset[i] for i in idx]
     if packed:
         from extras.packed import pack_pairs
         return pack_pairs(items).to(device)
     ids, mask = collate_pairs(items, dataset.pad_id)
-    return to_device(ids, device), to_device(mask, device)
+    return to_device(ids, device), mask
 
 
 def epoch_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, grad_accum=1,

@@ -119,7 +119,7 @@ def answer_logps(model, prompts, answers, device, batch_size=64):
             chunk = flat[s:s + batch_size]
             ids, mask = data.collate_sft([(p + a, [0] * len(p) + [1] * len(a))
                                           for p, a in chunk], pad_id=0)
-            values += response_logps(model, ids.to(device), mask.to(device))[0].tolist()
+            values += response_logps(model, ids.to(device), mask)[0].tolist()
     it = iter(values)
     return [[next(it) for _ in outs] for outs in answers]
 
@@ -139,7 +139,7 @@ def pair_accuracy(model, reference, dataset, beta, device, batch_size=32):
         for s in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]
             ids, mask = data.collate_pairs(items, dataset.pad_id)
-            ids, mask = ids.to(device), mask.to(device)
+            ids = ids.to(device)  # the mask stays on the host (loss.response_logps)
             pol, _ = concatenated_logps(model, ids, mask)
             ref, _ = concatenated_logps(reference, ids, mask)
             margin = beta * ((pol.chosen - ref.chosen) - (pol.rejected - ref.rejected))

@@ -20,6 +20,7 @@ from collections import namedtuple
 import torch
 import torch.nn.functional as F
 
+from data import to_device
 from extras.chunked_head import chunked_head_for
 from extras.losses import REFERENCE_FREE, SMOOTHED, VARIANTS
 
@@ -65,24 +66,28 @@ def response_logps(model, ids, loss_mask, chunked_head=False):
     """sequence_logps(model(ids), ids, loss_mask), computed with less work: the output
     head runs only where a response token is predicted. Both trainers use this.
 
-    ids, loss_mask (B, T). Returns (logps (B,), n_tokens (B,)): summed log-probs of
-    the masked tokens and their counts. chunked_head=True gives the same numbers
-    without ever holding the (N, V) logits (extras/chunked_head.py): for large
+    ids (B, T) on the model's device; loss_mask (B, T) there too, or left on the CPU as
+    both trainers leave it: the response positions are then found on the host, and no
+    step waits for the GPU to find them. Returns (logps (B,), n_tokens (B,)): summed
+    log-probs of the masked tokens and their counts. chunked_head=True gives the same
+    numbers without ever holding the (N, V) logits (extras/chunked_head.py): for large
     vocabularies.
     """
     targets = loss_mask[:, 1:].bool()  # (B, T-1): is token t+1 a response token?
-    labels = ids[:, 1:][targets]  # (N,) the response tokens, row by row
     # Position t predicts token t+1, so the last token predicts nothing: leave it out.
-    picked = head_logps(model, ids[:, :-1], targets, labels, chunked_head)  # (N,)
-    per_token = torch.zeros(targets.shape, device=ids.device)  # (B, T-1)
-    per_token = per_token.masked_scatter(targets, picked)  # back to its (row, position)
-    return per_token.sum(-1), targets.sum(-1).float()  # (B,) SUM, not mean; (B,)
+    at = to_device(targets.flatten().nonzero().squeeze(1), ids.device)  # (N,) of B*(T-1)
+    labels = ids[:, 1:].flatten()[at]  # (N,) the response tokens, row by row
+    picked = head_logps(model, ids[:, :-1], at, labels, chunked_head)  # (N,)
+    per_token = picked.new_zeros(targets.numel()).scatter(0, at, picked)  # (B*(T-1),)
+    n_tokens = to_device(targets.sum(-1).float(), ids.device)  # (B,)
+    return per_token.view(targets.shape).sum(-1), n_tokens  # (B,) SUM, not mean; (B,)
 
 
 def head_logps(model, ids, head_at, labels, chunked_head=False):
-    """The head step: log p(label) (N,), in fp32, at the N positions head_at marks. The
-    blocks run over every position; the output head, the costliest matmul here, only
-    where a response token is predicted."""
+    """The head step: log p(label) (N,), in fp32, at the N positions head_at (N,) lists
+    (indices into the flattened positions of ids). The blocks run over every position;
+    the output head, the costliest matmul here, only where a response token is
+    predicted."""
     if chunked_head:  # the same numbers without the (N, V) logits (extras/chunked_head.py)
         return model(ids, head_at=head_at, head=chunked_head_for(labels))  # (N,) fp32
     logits = model(ids, head_at=head_at).float()  # (N, V): N positions only
@@ -114,7 +119,7 @@ def reference_logps(reference, ref_table, idx, batch, device, packed=False,
     (no gradient flows into it), 0 when there is no reference (--reference-free, and the
     losses that never read it), or looked up in ref_table with --precompute-ref."""
     if ref_table is not None:
-        rows = ref_table[idx].to(device)  # (B, 2)
+        rows = to_device(ref_table[idx], device)  # (B, 2)
         return ChosenRejected(chosen=rows[:, 0], rejected=rows[:, 1])
     if reference is None:  # --reference-free: log pi_ref(y|x) taken as 0
         zeros = torch.zeros(len(idx), device=device)

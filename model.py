@@ -234,10 +234,10 @@ class Transformer(nn.Module):
     def forward(self, idx, cache=None, head_at=None, head=None):
         """idx (B, T) token ids -> logits (B, T, V). cache: a sample.KVCache when generating.
 
-        head_at, a bool (B, T) mask of the positions a loss reads (loss.response_logps):
-        the output head, the costliest matmul at this size, then runs at those N positions
-        only and the logits are (N, V), row by row. head(hidden (N, C), output layer), if
-        given, replaces the output head (extras/chunked_head.py).
+        head_at, the positions a loss reads as indices (N,) into the B * T flattened ones
+        (loss.response_logps): the output head, the costliest matmul at this size, then
+        runs at those N positions only and the logits are (N, V). head(hidden (N, C),
+        output layer), if given, replaces the output head (extras/chunked_head.py).
         """
         if not torch.is_tensor(idx):  # another batch layout (extras/packed.py) runs the
             return idx.forward(self, head_at, head)  # blocks its own way
@@ -261,7 +261,7 @@ class Transformer(nn.Module):
         self.aux_loss = sum(aux) if aux else x.new_zeros((), dtype=torch.float32)
         x = self.norm(x)  # (B, T, C)
         if head_at is not None:
-            x = x[head_at]  # (N, C): only the positions the loss reads
+            x = x.reshape(-1, x.shape[-1])[head_at]  # (N, C): the positions the loss reads
         return self.output(x) if head is None else head(x, self.output)
 
     def num_params(self):

@@ -115,7 +115,7 @@ def main(argv=None):
             last = k == len(micro) - 1
             sync = nullcontext() if last or dist_info.world_size == 1 else model.no_sync()
             ids, mask = data.collate_sft([train_ds[i] for i in idx], train_ds.pad_id)
-            ids, mask = data.to_device(ids, device), data.to_device(mask, device)
+            ids = data.to_device(ids, device)  # the mask stays on the host: response_logps
             with sync:
                 with ctx:
                     logps, n_tokens = response_logps(model, ids, mask, args.chunked_head)
@@ -131,19 +131,21 @@ def main(argv=None):
         # skips it and lowers its scale); the lr schedule and the data order still advance.
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                   args.grad_clip or math.inf).item()
+                                                   args.grad_clip or math.inf)  # 0-dim
+        values = torch.stack([step_metrics[n] for n in METRIC_NAMES])  # (M,) on device
+        if dist_info.world_size > 1:
+            torch.distributed.all_reduce(values)  # summed over ranks: one collective
+        values = torch.cat([values / dist_info.world_size, grad_norm.float()[None]])
+        *values, grad_norm = values.tolist()  # the step's one host sync (fp16 scaler: +1)
+        record = dict(zip(METRIC_NAMES, values))
+        if not math.isfinite(record["loss"]) and args.dtype != "float16":  # fp16: scaler skips
+            raise errors.NonFiniteLoss(record["loss"], step, args.dtype)
         skipped = not math.isfinite(grad_norm)
         if scaler.is_enabled() or not skipped:
             scaler.step(optimizer)  # = optimizer.step() when the scaler is off
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         skipped_steps += skipped
-        values = torch.stack([step_metrics[n] for n in METRIC_NAMES])  # (M,) on device
-        if dist_info.world_size > 1:
-            torch.distributed.all_reduce(values)  # summed over ranks: one collective
-        record = dict(zip(METRIC_NAMES, (values / dist_info.world_size).tolist()))  # 1 sync
-        if not math.isfinite(record["loss"]) and args.dtype != "float16":  # fp16: scaler skips
-            raise errors.NonFiniteLoss(record["loss"], step, args.dtype)
         done = step + 1
         elapsed = time.time() - t0
         record.update(step=done, grad_norm=grad_norm, lr=lr, skipped_steps=skipped_steps,
@@ -181,7 +183,7 @@ def evaluate(model, dataset, args, ctx, dist_info):
     with torch.no_grad():
         for idx in training.eval_batches(len(dataset), args.batch_size, dist_info):
             ids, mask = data.collate_sft([dataset[i] for i in idx], dataset.pad_id)
-            ids, mask = ids.to(dist_info.device), mask.to(dist_info.device)
+            ids = data.to_device(ids, dist_info.device)  # the mask stays on the host
             with ctx:
                 logps, n_tokens = response_logps(model, ids, mask, args.chunked_head)
             totals[0] -= logps.sum().item()

@@ -95,5 +95,6 @@ def packed_logps(model, packed, chunked_head=False):
     picked = head_logps(model, packed, packed.pred, packed.labels, chunked_head)  # (M,)
     n_rows = packed.index.shape[0]  # 2B
     logps = picked.new_zeros(n_rows).index_add(0, packed.seq, picked)  # (2B,) SUM per row
-    n_tokens = torch.bincount(packed.seq, minlength=n_rows).float()  # (2B,)
+    # counted the same way, not with bincount, which on CUDA waits for the GPU (its max)
+    n_tokens = picked.new_zeros(n_rows).index_add(0, packed.seq, torch.ones_like(picked))
     return split_chosen_rejected(logps, n_tokens)

@@ -67,8 +67,7 @@ def reference_table(reference, dataset, batch_size, ctx, dist_info):
         for idx in batches[dist_info.rank::dist_info.world_size]:
             ids, mask = data.collate_pairs([dataset[i] for i in idx], dataset.pad_id)
             with ctx:
-                logps, _ = concatenated_logps(reference, ids.to(dist_info.device),
-                                              mask.to(dist_info.device))
+                logps, _ = concatenated_logps(reference, ids.to(dist_info.device), mask)
             out[idx, 0], out[idx, 1] = logps.chosen.double(), logps.rejected.double()
     if dist_info.world_size > 1:
         torch.distributed.all_reduce(out)
