@@ -5,7 +5,6 @@ model.Transformer adds up its load-balancing losses after each forward (`aux_los
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from model import FeedForward
 
@@ -40,11 +39,18 @@ class MoEFeedForward(nn.Module):
         probs = self.router(x).float().softmax(dim=-1)  # (N, E)
         weights, chosen = probs.topk(self.k, dim=-1)  # (N, k) each
         weights = weights / weights.sum(dim=-1, keepdim=True)  # renormalised over the k
+        # The picks grouped by expert, in token order. Their sizes are one look from the
+        # host a layer (a torch.where per expert, one per expert).
+        flat = chosen.flatten()  # (N * k,) the expert of each pick, token by token
+        ones = torch.ones_like(weights).flatten()  # (N * k,)
+        picks = probs.new_zeros(len(self.experts)).index_add(0, flat, ones)  # (E,) per expert
+        sizes = picks.long().tolist()
+        by_expert = flat.argsort(stable=True)  # (N * k,)
+        token, weight = by_expert // self.k, weights.flatten()[by_expert]  # (N * k,) each
         y = torch.zeros_like(x)  # (N, C)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)  # the tokens routed to expert e
+        for expert, t, w in zip(self.experts, token.split(sizes), weight.split(sizes)):
             # (an expert with no token still runs on 0 rows: every parameter is in the graph)
-            y.index_add_(0, token, expert(x[token]) * weights[token, slot, None].to(x.dtype))
-        load = F.one_hot(chosen, len(self.experts)).float().sum(dim=1).mean(dim=0)  # (E,)
+            y.index_add_(0, t, expert(x[t]) * w[:, None].to(x.dtype))
+        load = picks / len(x)  # (E,) the share of tokens that picked each expert (sums to k)
         self.aux_loss = self.coef * len(self.experts) * (load * probs.mean(dim=0)).sum()
         return y.view(shape)
