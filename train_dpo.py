@@ -147,19 +147,21 @@ def main(argv=None):
         # skips it and lowers its scale); the lr schedule and the data order still advance.
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                   args.grad_clip or math.inf).item()
+                                                   args.grad_clip or math.inf)  # 0-dim
+        values = torch.stack([step_metrics[n] for n in METRIC_NAMES])  # (M,) on device
+        if dist_info.world_size > 1:
+            torch.distributed.all_reduce(values)  # summed over ranks: one collective
+        values = torch.cat([values / dist_info.world_size, grad_norm.float()[None]])
+        *values, grad_norm = values.tolist()  # the step's one host sync (fp16 scaler: +1)
+        record = dict(zip(METRIC_NAMES, values))
+        if not math.isfinite(record["loss"]) and args.dtype != "float16":  # fp16: scaler skips
+            raise errors.NonFiniteLoss(record["loss"], step, args.dtype)
         skipped = not math.isfinite(grad_norm)
         if scaler.is_enabled() or not skipped:
             scaler.step(optimizer)  # = optimizer.step() when the scaler is off
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         skipped_steps += skipped
-        values = torch.stack([step_metrics[n] for n in METRIC_NAMES])  # (M,) on device
-        if dist_info.world_size > 1:
-            torch.distributed.all_reduce(values)  # summed over ranks: one collective
-        record = dict(zip(METRIC_NAMES, (values / dist_info.world_size).tolist()))  # 1 sync
-        if not math.isfinite(record["loss"]) and args.dtype != "float16":  # fp16: scaler skips
-            raise errors.NonFiniteLoss(record["loss"], step, args.dtype)
         done = step + 1
         variants.after_step(done, record, skipped, raw_model)  # BCO's delta, TR-DPO's sync
         elapsed = time.time() - t0
