@@ -3,6 +3,7 @@ slices, an SFT checkpoint, and running the training scripts (also under torchrun
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -87,6 +88,21 @@ def torchrun(script, args, timeout=300):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+def tiny_pairs(B=3, seed=0):
+    """B made-up pairs of token ids (vocabulary 50), as data.pair_batch takes them."""
+    g = random.Random(seed)
+    ints = lambda n: [g.randrange(3, 50) for _ in range(n)]  # noqa: E731
+    items = []
+    for b in range(B):
+        chosen, rejected = ints(3 + b), ints(5 - b)
+        items.append({"prompt": ints(4 + b), "chosen": chosen, "chosen_mask": [1] * len(chosen),
+                      "rejected": rejected, "rejected_mask": [1] * len(rejected)})
+
+    class Pairs(list):
+        pad_id = 0
+    return Pairs(items)
 
 
 def weights(path):

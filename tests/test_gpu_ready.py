@@ -1,20 +1,25 @@
 """The CUDA-only logic, tested on the CPU: the device each process takes (every case of
 --device, torchrun, local rank and visible GPUs), the RNG state a checkpoint keeps, the
 reference cache's key, BCO's shift on skipped steps, the chunked head under
-torch.compile, generation without a host sync per token, DDP's buffers. tests/gpu/ runs
-the same paths on a real GPU when there is one."""
+torch.compile, generation without a host sync per token, DDP's buffers, the host syncs
+of a training step (ops whose result the host must wait for, counted on the CPU).
+tests/gpu/ runs the same paths on a real GPU when there is one."""
 
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint
+import data
 import devices
 import train_dpo
+import train_sft
 import training
-from conftest import dpo_args
+from conftest import dpo_args, sft_args, tiny_pairs
 from errors import UserError
+from loss import dpo_loss, dpo_objective, pair_logps, reference_logps
 from extras import precomputed_reference
 from model import ModelConfig, Transformer
 from sample import generate
@@ -159,3 +164,103 @@ def test_ddp_does_not_resend_the_rope_tables(monkeypatch):
     model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, n_kv_heads=2))
     training.wrap_model(model, False, training.Dist(0, 0, 2, torch.device("cpu")))
     assert seen == {"device_ids": None, "broadcast_buffers": False}
+
+
+class DataDependentOps(TorchDispatchMode):
+    """Records the ops whose result the host must see before it can go on (on CUDA: a
+    wait for the GPU): nonzero (what a boolean-mask index and torch.where(cond) run),
+    a boolean-mask index, item(), bincount (its max), masked_select, masked_scatter."""
+    NAMES = {"nonzero", "_local_scalar_dense", "bincount", "masked_select", "masked_scatter"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "index" and any(t is not None and t.dtype == torch.bool for t in args[1]):
+            self.seen.append(("bool index", tuple(args[0].shape)))
+        elif name in self.NAMES:
+            self.seen.append((name, tuple(args[0].shape)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_dpo_micro_step_asks_the_device_nothing(packed):
+    """L9: the DPO micro-step as train_dpo.py runs it (reference, policy, loss, backward)
+    has no op whose result the host must wait for, but one nonzero per forward on the
+    loss mask, which data.pair_batch leaves on the host. Before: a boolean-mask index of
+    the hidden states and of the labels, and masked_scatter, in every forward; with
+    --packed, bincount."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                         max_seq_len=64)
+    model, reference = Transformer(config), Transformer(config).requires_grad_(False)
+    pairs, cpu = tiny_pairs(), torch.device("cpu")
+    batch = data.pair_batch(pairs, range(len(pairs)), cpu, packed)
+    mode = DataDependentOps()
+    with mode:
+        ref = reference_logps(reference, None, range(len(pairs)), batch, cpu, packed)
+        logps, n_tokens = pair_logps(model, batch, packed)
+        loss, _ = dpo_objective(dpo_loss, logps, n_tokens, ref, 0.5, model.aux_loss, beta=0.1)
+        loss.backward()
+    if packed:
+        assert mode.seen == []
+    else:
+        ids, mask = batch
+        assert mask.device.type == "cpu"
+        rows, T = ids.shape
+        assert mode.seen == [("nonzero", (rows * (T - 1),))] * 2  # the host mask, twice
+
+
+def test_the_moe_routes_with_one_host_look_per_layer(monkeypatch):
+    """L9: the mixture of experts groups its tokens by expert with one look from the host
+    a layer (the experts' counts), not a torch.where (a nonzero) per expert."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4,
+                                    n_kv_heads=2, n_experts=4, experts_per_token=2))
+    ids = torch.randint(0, 50, (2, 9))
+    looks = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: looks.append(1) or real(self))
+    mode = DataDependentOps()
+    with mode:
+        model(ids).sum().backward()
+    assert mode.seen == [] and len(looks) == 3
+
+
+def test_the_plain_head_step_compiles_without_a_graph_break():
+    """L9: the head reads its positions as indices, not through a boolean mask, whose
+    nonzero broke the compiled graph in two."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4,
+                                    n_kv_heads=2, max_seq_len=64))
+    ids, mask = data.pair_batch(tiny_pairs(), range(3), torch.device("cpu"))
+    at = mask[:, 1:].bool().flatten().nonzero().squeeze(1)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids[:, :-1], head_at=at)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_training_step_reads_from_the_device_once(files, sft_ckpt, tmp_path, monkeypatch,
+                                                    stage):
+    """L9: the step's metrics and its gradient norm come back to the host in one
+    tolist(), not an item() for the norm and a tolist() for the metrics. Counted through
+    the scripts: runs of 2 and 6 steps differ by 4 reads."""
+    reads = []
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _real=real, _name=name:
+                            reads.append(_name) or _real(self))
+    counts = []
+    for steps in (2, 6):
+        reads.clear()
+        common = ["--steps", str(steps), "--batch-size", "4", "--val-data", "", "--no-save"]
+        if stage == "sft":
+            train_sft.main(sft_args(files, tmp_path / str(steps), *common))
+        else:
+            train_dpo.main(dpo_args(files, tmp_path / str(steps), sft_ckpt, *common))
+        counts.append(list(reads))
+    assert len(counts[1]) - len(counts[0]) == 4, counts

@@ -10,11 +10,13 @@ import sys
 import pytest
 import torch
 
+import data
 import train_dpo
 import train_sft
 import training
-from conftest import ROOT, dpo_args, max_diff, sft_args, weights
+from conftest import ROOT, dpo_args, max_diff, sft_args, tiny_pairs, weights
 from checkpoint import load_checkpoint, model_from_checkpoint
+from loss import dpo_loss, dpo_objective, pair_logps, reference_logps
 from model import Transformer, make_config
 from sample import generate
 
@@ -102,6 +104,30 @@ def test_compile_recompiles_a_bounded_number_of_times(files, sft_ckpt, tmp_path,
     assert len(eager) == len(compiled) == 12
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(eager, compiled)) < 1e-2
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_dpo_forwards_and_loss_never_wait_for_the_gpu(packed):
+    """With torch.cuda.set_sync_debug_mode("error") any op that waits for the GPU raises:
+    a DPO micro-step's batch, reference and policy forwards and loss have none (the
+    backward, PyTorch's own kernels, is not checked). CPU twin: tests/test_gpu_ready.py."""
+    torch.manual_seed(0)
+    config = make_config("tiny", vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                         max_seq_len=64)
+    model = Transformer(config).cuda()
+    reference = Transformer(config).cuda().requires_grad_(False)
+    pairs, cuda, idx = tiny_pairs(), torch.device("cuda"), range(3)
+    for _ in range(2):  # the first micro-step also warms the allocators up
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            batch = data.pair_batch(pairs, idx, cuda, packed)
+            ref = reference_logps(reference, None, idx, batch, cuda, packed)
+            logps, n_tokens = pair_logps(model, batch, packed)
+            loss, _ = dpo_objective(dpo_loss, logps, n_tokens, ref, 0.5, model.aux_loss,
+                                    beta=0.1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        loss.backward()
 
 
 def test_chunked_head_and_packed_equal_the_plain_path(files, sft_ckpt, tmp_path):
