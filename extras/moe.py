@@ -39,8 +39,8 @@ class MoEFeedForward(nn.Module):
         probs = self.router(x).float().softmax(dim=-1)  # (N, E)
         weights, chosen = probs.topk(self.k, dim=-1)  # (N, k) each
         weights = weights / weights.sum(dim=-1, keepdim=True)  # renormalised over the k
-        # The picks grouped by expert, in token order. Their sizes are one look from the
-        # host a layer (a torch.where per expert, one per expert).
+        # The picks grouped by expert, in token order. Their sizes cost one look from the
+        # host a layer (a torch.where for each expert would cost one look each).
         flat = chosen.flatten()  # (N * k,) the expert of each pick, token by token
         ones = torch.ones_like(weights).flatten()  # (N * k,)
         picks = probs.new_zeros(len(self.experts)).index_add(0, flat, ones)  # (E,) per expert
