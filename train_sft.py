@@ -132,12 +132,9 @@ def main(argv=None):
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
                                                    args.grad_clip or math.inf)  # 0-dim
-        values = torch.stack([step_metrics[n] for n in METRIC_NAMES])  # (M,) on device
-        if dist_info.world_size > 1:
-            torch.distributed.all_reduce(values)  # summed over ranks: one collective
-        values = torch.cat([values / dist_info.world_size, grad_norm.float()[None]])
-        *values, grad_norm = values.tolist()  # the step's one host sync (fp16 scaler: +1)
-        record = dict(zip(METRIC_NAMES, values))
+        # the metrics averaged over ranks and the norm, in the step's one host sync
+        record, grad_norm = training.read_step(step_metrics, METRIC_NAMES, grad_norm,
+                                               dist_info.world_size)
         if not math.isfinite(record["loss"]) and args.dtype != "float16":  # fp16: scaler skips
             raise errors.NonFiniteLoss(record["loss"], step, args.dtype)
         skipped = not math.isfinite(grad_norm)

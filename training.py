@@ -104,6 +104,19 @@ def all_reduce_sum(values, world_size, device):
     return t.tolist()
 
 
+def read_step(step_metrics, names, grad_norm, world_size):
+    """The step's one read from the device (one host sync): the metrics (0-dim tensors
+    by name, in the order of names) averaged over ranks in one all_reduce, and the
+    gradient norm (0-dim, the same on every rank, so not averaged). Returns (record, a
+    dict of floats by name, and the gradient norm as a float)."""
+    values = torch.stack([step_metrics[n] for n in names])  # (M,) on device
+    if world_size > 1:
+        dist.all_reduce(values)  # summed over ranks: one collective
+    values = torch.cat([values / world_size, grad_norm.float()[None]])  # (M + 1,)
+    *values, grad_norm = values.tolist()  # the one sync (float16's scaler adds its own)
+    return dict(zip(names, values)), grad_norm
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl (rank 0 only); with
     --wandb PROJECT the same records also go to Weights & Biases."""
