@@ -4,7 +4,8 @@ A checkpoint is {"format", "model": fp32 state dict, "config": ModelConfig as a 
 "tokenizer": its identity, "train_state" when resuming}; read with
 torch.load(weights_only=True), its config checked before any tensor is allocated.
 Resuming: load_resume, restore_training_state and train_state; the batch order needs
-nothing saved, being a pure function of (seed, step) (data.BatchOrder).
+nothing saved beyond the step (data.BatchOrder: for the same data and flags, step k's
+batch is a function of k), under any launcher.
 Not run directly; the training scripts, sample.py and evaluate.py use it.
 """
 
@@ -228,20 +229,24 @@ def restore_training_state(resume, optimizer, scaler, device):
     return state["step"]
 
 
-def train_state(optimizer, scaler, step, args, run, device):
-    """What --resume needs besides the weights. The data position is the step itself: the
-    batch order is a pure function of (seed, step) (data.BatchOrder)."""
+def train_state(optimizer, scaler, step, args, run, device, world_size=1):
+    """What --resume needs besides the weights. The data position is the step itself: for
+    the same data and flags, step k's global batch is a function of k (data.BatchOrder).
+    world_size is kept for the record only: a run resumed under another launcher is the
+    same run and continues it."""
     return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-            "rng": rng_state(device), "args": vars(args), "run": run}
+            "rng": rng_state(device), "args": vars(args), "run": run,
+            "world_size": world_size}
 
 
-def run_identity(args, keys, world_size, config):
+def run_identity(args, keys, config):
     """What defines a run, so that --resume refuses to continue a different one (other
     data, batch, schedule or loss would silently remap steps): the values of the flags in
-    `keys`, the number of processes, the model shape and the SHA-256 of each input file.
-    Flags that do not change the numbers (--eval-every, --quiet, ...) are left out."""
+    `keys`, the model shape and the SHA-256 of each input file. Flags that do not change
+    the numbers (--eval-every, --quiet, ...) are left out, and so is the launcher: the
+    global batch, the steps and the data order are the same under any world size."""
     run = {k: getattr(args, k) for k in keys}
-    run.update(world_size=world_size, model=asdict(config))
+    run.update(model=asdict(config))
     for k in ("data", "sft_ckpt", "ref_ckpt", "tokenizer"):
         path = getattr(args, k, None)
         if path:

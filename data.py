@@ -264,34 +264,50 @@ def pair_batch(dataset, idx, device, packed=False):
     return to_device(ids, device), mask
 
 
+def per_process_batch(batch_size, world_size=1, grad_accum=1):
+    """Examples in one micro-batch of one process: the global batch (--batch-size, the
+    examples of one optimizer step) split over world_size processes and grad_accum
+    micro-steps. It must split evenly, so that every launcher trains the same run.
+
+        >>> per_process_batch(8, world_size=2), per_process_batch(8, 2, grad_accum=2)
+        (4, 2)
+    """
+    if batch_size % (world_size * grad_accum):
+        raise UserError(f"--batch-size {batch_size} (the global batch) does not split over "
+                        f"{world_size} processes x --grad-accum {grad_accum}: make it a "
+                        f"multiple of {world_size * grad_accum}")
+    return batch_size // (world_size * grad_accum)
+
+
 def epoch_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, grad_accum=1,
                   group_by_length=False):
     """This rank's micro-batches (lists of dataset indices) for one epoch, in order.
 
-    One optimizer step consumes a global batch of batch_size * world_size * grad_accum
-    examples drawn from a permutation seeded by (seed, epoch). Micro-step k of rank r
-    takes its own slice of it, so ranks are disjoint and 2 ranks x batch B, or 1 rank x
-    2 micro-batches of B, see exactly what 1 rank x batch 2B sees. The last incomplete
-    global batch is dropped. With group_by_length, examples are sorted by length
-    inside windows of 64 global batches, then the batch order is shuffled: less
-    padding, still deterministic.
+    One optimizer step consumes a global batch of batch_size examples drawn from a
+    permutation seeded by (seed, epoch), whatever the launcher. Micro-step k of rank r
+    takes its own slice of batch_size / (world_size * grad_accum) examples, so ranks are
+    disjoint, and 2 ranks, or 2 micro-steps of 1 rank, see together exactly what 1 rank
+    sees in one. The last incomplete global batch is dropped. With group_by_length,
+    examples are sorted by length inside windows of 64 global batches, then the batch
+    order is shuffled: less padding, still deterministic.
     """
     g = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
     g.shuffle(order)
-    size = batch_size * world_size * grad_accum
+    micro = per_process_batch(batch_size, world_size, grad_accum)
     if group_by_length:
-        window = 64 * size
+        window = 64 * batch_size
         order = [i for s in range(0, len(order), window)
                  for i in sorted(order[s:s + window], key=lambda i: lengths[i])]
-    batches = [order[s:s + size] for s in range(0, len(order) - size + 1, size)]
+    batches = [order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1,
+                                                      batch_size)]
     if group_by_length:
         g.shuffle(batches)
     mine = []
     for batch in batches:
         for k in range(grad_accum):
-            start = (k * world_size + rank) * batch_size
-            mine.append(batch[start:start + batch_size])
+            start = (k * world_size + rank) * micro
+            mine.append(batch[start:start + micro])
     return mine
 
 
@@ -299,10 +315,12 @@ class BatchOrder:
     """Which examples each optimizer step trains on, on this rank: order(step) is the list
     of its grad_accum micro-batches (lists of dataset indices).
 
-    The order is a pure function of (seed, step): epoch, position = divmod(step,
-    steps_per_epoch), and epoch_batches does the rest. That is why --resume is exact:
-    the checkpoint stores the step, and step k of a resumed run trains on the very
-    batches that step k of an uninterrupted run would have.
+    For given data lengths and flags (--batch-size, --seed, --grad-accum,
+    --group-by-length), step k's global batch is a pure function of k: epoch, position =
+    divmod(k, steps_per_epoch), and epoch_batches does the rest. The world size only
+    decides which rank takes which part of it. That is why --resume is exact, under any
+    launcher: the checkpoint stores the step, and step k of a resumed run trains on the
+    very batch that step k of an uninterrupted run would have.
     """
 
     def __init__(self, lengths, batch_size, seed, rank=0, world_size=1, grad_accum=1,

@@ -21,8 +21,9 @@ from training import DTYPES
 TINYCHAT_BETA, PAPER_BETA = 2.0, 0.1
 
 # The flags that define a run, by stage: --resume refuses to continue another
-# (checkpoint.run_identity); flags that change no number (--eval-every, --quiet) are not here
-SFT_RUN_KEYS = ("batch_size", "grad_accum", "max_len", "seed", "lr", "min_lr_ratio",
+# (checkpoint.run_identity); flags that change no number (--eval-every, --quiet) are not
+# here, nor --grad-accum (it splits the same global batch: memory, not the run)
+SFT_RUN_KEYS = ("batch_size", "max_len", "seed", "lr", "min_lr_ratio",
                 "warmup_steps", "weight_decay", "grad_clip", "epochs", "steps", "dtype",
                 "group_by_length")
 RUN_KEYS = {"sft": SFT_RUN_KEYS,
@@ -129,8 +130,11 @@ def add_training_args(parser, defaults):
     a("--steps", type=int, default=None,
       help="exactly this many optimizer steps (overrides --epochs)")
     a("--batch-size", type=int, default=defaults["batch_size"],
-      help="examples per micro-batch per process")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+      help="examples per optimizer step, the global batch: under torchrun each of the N "
+      "processes takes 1/N of it, so every launcher trains the same run")
+    a("--grad-accum", type=int, default=1,
+      help="micro-steps per optimizer step: each process's share of the batch in this many "
+      "pieces (less memory, the same run)")
     a("--lr", type=float, default=defaults["lr"], help="peak learning rate")
     a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
     a("--warmup-steps", type=int, default=defaults["warmup_steps"], help="linear warm-up steps")

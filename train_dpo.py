@@ -70,7 +70,7 @@ def main(argv=None):
                             dist_info.world_size, args.grad_accum, args.group_by_length)
     if order.steps_per_epoch == 0:
         raise errors.UserError(f"{args.data}: {len(train_ds)} pairs are fewer than one global "
-                               f"batch ({args.batch_size} x {dist_info.world_size})")
+                               f"batch (--batch-size {args.batch_size})")
     n_steps = training.total_steps(args, order.steps_per_epoch)
     log(f"{len(train_ds)} training pairs ({sum(train_lengths) / len(train_ds):.1f} tokens a "
         f"pair), {order.steps_per_epoch} steps per epoch, {n_steps} steps")
@@ -83,7 +83,7 @@ def main(argv=None):
     reference = None
     if not args.reference_free and args.loss not in REFERENCE_FREE_LOSSES:
         reference = checkpoint.reference_model(args, model, tokenizer_id, device)  # no DDP
-    run = checkpoint.run_identity(args, flags.RUN_KEYS[STAGE], dist_info.world_size, model.config)
+    run = checkpoint.run_identity(args, flags.RUN_KEYS[STAGE], model.config)
     resume = checkpoint.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
     training.check_max_len(args.max_len, model.config)
     log(f"model: {model.num_params():,} parameters, {model.config}")
@@ -180,7 +180,8 @@ def main(argv=None):
             metrics_log.write(record)
         if is_main and not args.no_save and (done == end_step or
                                              (args.save_every and done % args.save_every == 0)):
-            state = checkpoint.train_state(optimizer, scaler, done, args, run, device)
+            state = checkpoint.train_state(optimizer, scaler, done, args, run, device,
+                                          dist_info.world_size)
             state["dpo"] = variants.state_dict()
             checkpoint.save_checkpoint(ckpt_path, raw_model, tokenizer_id, state)
 

@@ -65,12 +65,12 @@ def main(argv=None):
                             dist_info.world_size, args.grad_accum, args.group_by_length)
     # every rank's examples of a step (the same global batch, as one rank would take it):
     # the token count of the whole step is known here, with no collective
-    every_rank = data.BatchOrder(train_lengths, args.batch_size * dist_info.world_size,
-                                 args.seed, 0, 1, args.grad_accum, args.group_by_length)
+    every_rank = data.BatchOrder(train_lengths, args.batch_size, args.seed, 0, 1, 1,
+                                 args.group_by_length)
     targets = [sum(mask[1:]) for _, mask in train_ds.items]  # assistant tokens predicted
     if order.steps_per_epoch == 0:
         raise errors.UserError(f"{args.data}: {len(train_ds)} conversations are fewer than one "
-                               f"global batch ({args.batch_size} x {dist_info.world_size})")
+                               f"global batch (--batch-size {args.batch_size})")
     n_steps = training.total_steps(args, order.steps_per_epoch)
     log(f"{len(train_ds)} training conversations ({train_ds.truncated} cut to --max-len "
         f"{args.max_len}), {order.steps_per_epoch} steps per epoch, {n_steps} steps")
@@ -79,7 +79,7 @@ def main(argv=None):
     # 4. Model (and, with --resume, the weights of the last checkpoint)
     model = Transformer(flags.config_from_args(args, enc.n_vocab))
     model.to(device)
-    run = checkpoint.run_identity(args, flags.RUN_KEYS[STAGE], dist_info.world_size, model.config)
+    run = checkpoint.run_identity(args, flags.RUN_KEYS[STAGE], model.config)
     resume = checkpoint.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
     training.check_max_len(args.max_len, model.config)
     log(f"model: {model.num_params():,} parameters, {model.config}")
@@ -158,7 +158,8 @@ def main(argv=None):
             metrics_log.write(record)
         if is_main and not args.no_save and (done == end_step or
                                              (args.save_every and done % args.save_every == 0)):
-            state = checkpoint.train_state(optimizer, scaler, done, args, run, device)
+            state = checkpoint.train_state(optimizer, scaler, done, args, run, device,
+                                          dist_info.world_size)
             checkpoint.save_checkpoint(ckpt_path, raw_model, tokenizer_id, state)
 
     # ------------------------------------------------------------------------

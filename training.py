@@ -7,8 +7,9 @@ state and DPO's policy and reference at step 0 in checkpoint.py.
 Not run directly; see train_sft.py and train_dpo.py.
 """
 
-import math
+import inspect
 import json
+import math
 import os
 import random
 from contextlib import nullcontext
@@ -22,6 +23,11 @@ import devices
 from errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# DDP's switch for the buffer sync before each forward: forward_sync_buffers from torch
+# 2.13 (which deprecates broadcast_buffers with a FutureWarning), broadcast_buffers before
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})
 
 
 @dataclass
@@ -62,10 +68,10 @@ def wrap_model(model, compile_model, dist_info):
         model = torch.compile(model, dynamic=True)
     if dist_info.world_size > 1:
         device = dist_info.device
-        # broadcast_buffers off: the only buffers are the RoPE tables, the same on every
-        # rank; DDP would otherwise send them before every forward (~25 MB at minimind-768)
+        # no buffer sync before each forward: the only buffers are the RoPE tables, the
+        # same on every rank (~25 MB a forward at minimind-768 otherwise)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False)
+                    **NO_FORWARD_BUFFER_SYNC)
     return model
 
 

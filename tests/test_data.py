@@ -6,6 +6,7 @@ import torch
 import data
 import formats
 import tokenizer
+from errors import UserError
 
 SYS, USER, ASSISTANT = "system", "user", "assistant"
 
@@ -217,19 +218,31 @@ def test_collate_sft_worked_example():
 
 @pytest.mark.parametrize("group", [False, True])
 def test_epoch_batches_deterministic_disjoint_and_sharded(group):
+    """--batch-size is the global batch: 2 ranks, or 2 micro-steps, or both, take their
+    shares of exactly the batches one process takes."""
     lengths = [(i * 37) % 101 for i in range(1000)]
     one = data.epoch_batches(lengths, 8, seed=1, epoch=3, group_by_length=group)
     assert one == data.epoch_batches(lengths, 8, seed=1, epoch=3, group_by_length=group)
     assert one != data.epoch_batches(lengths, 8, seed=1, epoch=4, group_by_length=group)
-    r0 = data.epoch_batches(lengths, 4, 1, 3, rank=0, world_size=2, group_by_length=group)
-    r1 = data.epoch_batches(lengths, 4, 1, 3, rank=1, world_size=2, group_by_length=group)
+    assert len(one) == 1000 // 8 and all(len(b) == 8 for b in one)
+    r0 = data.epoch_batches(lengths, 8, 1, 3, rank=0, world_size=2, group_by_length=group)
+    r1 = data.epoch_batches(lengths, 8, 1, 3, rank=1, world_size=2, group_by_length=group)
     assert [a + b for a, b in zip(r0, r1)] == one  # 2 ranks x 4 == 1 rank x 8
     flat = [i for b in r0 + r1 for i in b]
     assert len(flat) == len(set(flat)) == 1000
-    accum = data.epoch_batches(lengths, 4, 1, 3, grad_accum=2, group_by_length=group)
+    accum = data.epoch_batches(lengths, 8, 1, 3, grad_accum=2, group_by_length=group)
     assert [a + b for a, b in zip(accum[::2], accum[1::2])] == one  # 2 micro x 4 == 1 x 8
-    both = [data.epoch_batches(lengths, 2, 1, 3, rank=r, world_size=2, grad_accum=2,
+    both = [data.epoch_batches(lengths, 8, 1, 3, rank=r, world_size=2, grad_accum=2,
                                group_by_length=group) for r in (0, 1)]
-    steps = [sorted(both[0][2 * s] + both[0][2 * s + 1] + both[1][2 * s] + both[1][2 * s + 1])
+    assert all(len(b) == 2 for b in both[0] + both[1])
+    steps = [both[0][2 * s] + both[1][2 * s] + both[0][2 * s + 1] + both[1][2 * s + 1]
              for s in range(len(one))]
-    assert steps == [sorted(b) for b in one]
+    assert steps == one
+
+
+@pytest.mark.parametrize("batch, world_size, grad_accum", [(7, 2, 1), (8, 1, 3), (6, 2, 2)])
+def test_a_global_batch_that_does_not_split_is_one_error_naming_both(batch, world_size,
+                                                                      grad_accum):
+    with pytest.raises(UserError, match=rf"^--batch-size {batch} \(the global batch\) does "
+                       rf"not split over {world_size} processes x --grad-accum {grad_accum}"):
+        data.BatchOrder([5] * 100, batch, 0, world_size=world_size, grad_accum=grad_accum)

@@ -5,13 +5,15 @@ trains the SFT stage first. All through the scripts, as a user runs them."""
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
 
 import train_dpo
-from conftest import QUIET, ROOT, SHAPE, command
+import train_sft
+from conftest import QUIET, ROOT, SHAPE, command, max_diff, weights
 from checkpoint import load_checkpoint
 from checkpoint import file_digest
 
@@ -194,7 +196,10 @@ def test_the_main_job_is_one_command_on_a_fresh_clone(tmp_path):
     assert result.stdout.count(f"no SFT checkpoint at {tmp_path}/sft.pt: training it first") == 1
     sft, dpo = (load_checkpoint(str(tmp_path / f"{s}.pt")) for s in ("sft", "dpo"))
     assert sft["train_state"]["step"] == 3 and dpo["train_state"]["step"] == 2
-    assert sft["train_state"]["run"]["world_size"] == 2 and sft["config"]["dim"] == 32
+    assert sft["train_state"]["world_size"] == 2 and sft["config"]["dim"] == 32
+    # ... the run that python train_sft.py trains with the same flags
+    train_sft.main(["--out-dir", str(tmp_path / "python"), *shlex.split(sft_flags), "--quiet"])
+    assert max_diff(sft["model"], weights(tmp_path / "python/sft.pt")) < 1e-5
     # DPO started from that very file, and moved away from it
     assert dpo["train_state"]["run"]["sft_ckpt_sha256"] == file_digest(tmp_path / "sft.pt")
     assert any((sft["model"][k] != dpo["model"][k]).any() for k in sft["model"])

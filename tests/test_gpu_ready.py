@@ -6,9 +6,11 @@ of a training step (ops whose result the host must wait for, counted on the CPU)
 tests/gpu/ runs the same paths on a real GPU when there is one."""
 
 import math
+import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint
@@ -163,7 +165,23 @@ def test_ddp_does_not_resend_the_rope_tables(monkeypatch):
     monkeypatch.setattr(training, "DDP", lambda model, **kwargs: seen.update(kwargs) or model)
     model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, n_kv_heads=2))
     training.wrap_model(model, False, training.Dist(0, 0, 2, torch.device("cpu")))
-    assert seen == {"device_ids": None, "broadcast_buffers": False}
+    assert seen == {"device_ids": None, **training.NO_FORWARD_BUFFER_SYNC}
+
+
+def test_ddp_is_wrapped_without_a_warning_and_syncs_no_buffer_per_forward():
+    """A real DDP (a one-process gloo group): no FutureWarning about broadcast_buffers
+    (deprecated in torch 2.13), and no buffer sync before each forward."""
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4,
+                                        n_kv_heads=2))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ddp = training.wrap_model(model, False, training.Dist(0, 0, 2, torch.device("cpu")))
+        assert [str(w.message) for w in caught] == []
+        assert not ddp.will_sync_module_buffers()
+    finally:
+        dist.destroy_process_group()
 
 
 class DataDependentOps(TorchDispatchMode):

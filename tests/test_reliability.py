@@ -277,8 +277,8 @@ def two_nodes(args, port):
     return [(node, node.communicate(timeout=180)[0]) for node in nodes]
 
 
-def test_two_nodes_equal_one_process_with_twice_the_batch(files, sft_ckpt, tmp_path):
-    args = dpo_args(files, tmp_path / "two", sft_ckpt, "--steps", "4", "--batch-size", "4")
+def test_two_nodes_train_the_run_of_one_process(files, sft_ckpt, tmp_path):
+    args = dpo_args(files, tmp_path / "two", sft_ckpt, "--steps", "4", "--batch-size", "8")
     for attempt in range(3):  # a free port is free when asked, and may be taken after
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -292,6 +292,21 @@ def test_two_nodes_equal_one_process_with_twice_the_batch(files, sft_ckpt, tmp_p
     train_dpo.main(dpo_args(files, tmp_path / "one", sft_ckpt, "--steps", "4", "--batch-size",
                             "8"))
     assert max_diff(weights(tmp_path / "one/dpo.pt"), weights(tmp_path / "two/dpo.pt")) < 1e-5
+
+
+def test_a_run_resumed_under_another_launcher_continues_it(files, sft_ckpt, tmp_path):
+    """The run is a function of its flags, not of its launcher, so --resume continues it
+    under another world size: 2 steps in one process, 2 more under torchrun, end where 4
+    steps in one process do (and the logged steps go on from 3)."""
+    common = ["--steps", "4", "--batch-size", "8", "--log-every", "1", "--val-data", ""]
+    train_dpo.main(dpo_args(files, tmp_path / "cut", sft_ckpt, *common, "--stop-after", "2"))
+    assert load_checkpoint(str(tmp_path / "cut/dpo.pt"))["train_state"]["world_size"] == 1
+    torchrun("train_dpo.py", dpo_args(files, tmp_path / "cut", sft_ckpt, *common, "--resume"))
+    train_dpo.main(dpo_args(files, tmp_path / "whole", sft_ckpt, *common))
+    cut = load_checkpoint(str(tmp_path / "cut/dpo.pt"))
+    assert cut["train_state"]["step"] == 4 and cut["train_state"]["world_size"] == 2
+    assert max_diff(cut["model"], weights(tmp_path / "whole/dpo.pt")) < 1e-5
+    assert [r["step"] for r in read_metrics(tmp_path / "cut/dpo/metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_sigterm_stops_with_a_message_and_the_checkpoint_intact(files, tmp_path):

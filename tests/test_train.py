@@ -22,15 +22,66 @@ from conftest import ROOT, dpo_args, max_diff, sft_args, torchrun, weights
 from checkpoint import load_checkpoint
 from model import ModelConfig, Transformer
 
-def test_sft_two_processes_equal_one_process_with_double_batch(files, tmp_path):
-    train_sft.main(sft_args(files, tmp_path / "one", "--steps", "5", "--batch-size", "8"))
-    torchrun("train_sft.py", sft_args(files, tmp_path / "two", "--steps", "5",
-                                      "--batch-size", "4"))
-    train_sft.main(sft_args(files, tmp_path / "still", "--steps", "5", "--batch-size", "8",
-                            "--lr", "0"))  # the same start, never moved
-    one, two = weights(tmp_path / "one/sft.pt"), weights(tmp_path / "two/sft.pt")
-    assert max_diff(one, two) < 1e-5
-    assert max_diff(one, weights(tmp_path / "still/sft.pt")) > 1e-4  # the steps did train
+
+def logged(out, stage):
+    with open(os.path.join(out, stage, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_run(runs, stage, clip):
+    """The runs logged the same steps, learning rates and gradient norms (before clipping,
+    which acted on every step), and ended with the same weights."""
+    logs = {name: logged(out, stage) for name, out in runs.items()}
+    first, *others = runs
+    for name in others:
+        assert [r["step"] for r in logs[name]] == [r["step"] for r in logs[first]], name
+        assert [r["lr"] for r in logs[name]] == [r["lr"] for r in logs[first]], name
+        assert [r["grad_norm"] for r in logs[name]] == pytest.approx(
+            [r["grad_norm"] for r in logs[first]], rel=1e-4), name
+        diff = max_diff(weights(runs[first] / f"{stage}.pt"), weights(runs[name] / f"{stage}.pt"))
+        assert diff < 1e-5, (name, diff)
+    assert min(r["grad_norm"] for r in logs[first]) > clip  # clipping acted at every step
+
+
+def test_sft_same_flags_same_run_under_python_and_torchrun(files, tmp_path):
+    """--batch-size is the global batch: python, and torchrun with 2 processes, train the
+    same 5 steps of 8 conversations (not 5 steps of 16)."""
+    common = ["--steps", "5", "--batch-size", "8", "--grad-clip", "0.05", "--log-every", "1"]
+    runs = {name: tmp_path / name for name in ("python", "torchrun")}
+    train_sft.main(sft_args(files, runs["python"], *common))
+    torchrun("train_sft.py", sft_args(files, runs["torchrun"], *common))
+    assert_same_run(runs, "sft", 0.05)
+    train_sft.main(sft_args(files, tmp_path / "still", *common, "--lr", "0"))
+    still = weights(tmp_path / "still/sft.pt")  # the same start, never moved
+    assert max_diff(weights(runs["python"] / "sft.pt"), still) > 1e-4  # the steps did train
+
+
+def test_dpo_same_flags_same_run_under_python_torchrun_and_grad_accum(files, sft_ckpt,
+                                                                    tmp_path):
+    """python, python --grad-accum 2 and torchrun 2 processes --grad-accum 2 (micro-batches
+    of 2 pairs on each rank): one run of 4 steps of 8 pairs, clipping acting."""
+    common = ["--steps", "4", "--batch-size", "8", "--grad-clip", "0.01", "--log-every", "1"]
+    runs = {name: tmp_path / name for name in ("python", "accum", "torchrun")}
+    train_dpo.main(dpo_args(files, runs["python"], sft_ckpt, *common))
+    train_dpo.main(dpo_args(files, runs["accum"], sft_ckpt, *common, "--grad-accum", "2"))
+    torchrun("train_dpo.py", dpo_args(files, runs["torchrun"], sft_ckpt, *common,
+                                      "--grad-accum", "2"))
+    assert_same_run(runs, "dpo", 0.01)
+    assert max_diff(weights(runs["python"] / "dpo.pt"), weights(sft_ckpt)) > 1e-4  # it trained
+
+
+def test_dpo_gradient_clipping_acts_and_logs_the_norm_before_clipping(files, sft_ckpt,
+                                                                     tmp_path):
+    """train_dpo.py's clip_grad_norm_: with --grad-clip 0.01 (below every norm) the run ends
+    elsewhere than with --grad-clip 0, and the logged norm of step 1, taken from the same
+    weights and batch in both runs, is the unclipped one in both."""
+    common = ["--steps", "3", "--batch-size", "8", "--log-every", "1", "--val-data", ""]
+    train_dpo.main(dpo_args(files, tmp_path / "clip", sft_ckpt, *common, "--grad-clip", "0.01"))
+    train_dpo.main(dpo_args(files, tmp_path / "free", sft_ckpt, *common, "--grad-clip", "0"))
+    clip, free = logged(tmp_path / "clip", "dpo"), logged(tmp_path / "free", "dpo")
+    assert clip[0]["grad_norm"] == pytest.approx(free[0]["grad_norm"], rel=1e-6)
+    assert min(r["grad_norm"] for r in clip) > 0.01
+    assert max_diff(weights(tmp_path / "clip/dpo.pt"), weights(tmp_path / "free/dpo.pt")) > 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -48,24 +99,11 @@ def test_sft_interrupted_and_resumed_equals_uninterrupted(files, tmp_path, dtype
         assert sa["scale"] > 0 and "_growth_tracker" in sa
 
 
-def test_dpo_two_processes_equal_one_process_and_grad_accum(files, sft_ckpt, tmp_path):
-    common = ["--steps", "4"]
-    train_dpo.main(dpo_args(files, tmp_path / "one", sft_ckpt, *common, "--batch-size", "8"))
-    train_dpo.main(dpo_args(files, tmp_path / "acc", sft_ckpt, *common, "--batch-size", "4",
-                            "--grad-accum", "2"))
-    torchrun("train_dpo.py", dpo_args(files, tmp_path / "two", sft_ckpt, *common,
-                                      "--batch-size", "4"))
-    one = weights(tmp_path / "one/dpo.pt")
-    assert max_diff(one, weights(tmp_path / "two/dpo.pt")) < 1e-5
-    assert max_diff(one, weights(tmp_path / "acc/dpo.pt")) < 1e-5
-    assert max_diff(one, weights(sft_ckpt)) > 1e-4  # and training did move the weights
-
-
 def test_packed_dpo_on_two_processes_equals_one_process_padded(files, sft_ckpt, tmp_path):
     common = ["--steps", "3", "--eval-every", "2"]  # the held-out pass is packed too
     train_dpo.main(dpo_args(files, tmp_path / "one", sft_ckpt, *common, "--batch-size", "8"))
     torchrun("train_dpo.py", dpo_args(files, tmp_path / "two", sft_ckpt, *common,
-                                      "--batch-size", "4", "--packed"))
+                                      "--batch-size", "8", "--packed"))
     assert max_diff(weights(tmp_path / "one/dpo.pt"), weights(tmp_path / "two/dpo.pt")) < 1e-5
     val = [[r["val/loss"] for r in map(json.loads, open(tmp_path / d / "dpo/metrics.jsonl"))
             if "val/loss" in r] for d in ("one", "two")]

@@ -90,7 +90,9 @@ def parse_args(argv=None):
                         help="steps of the short run (default: 20 on tinychat, 5 on synthetic)")
     parser.add_argument("--k2", type=int, default=None,
                         help="steps of the long run (default: 220 on tinychat, 25 on synthetic)")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step per process")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="pairs per step, the global batch (under --nproc N, each process "
+                        "takes 1/N of it)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds; each round runs every row once, in order")
     parser.add_argument("--work-dir", default=os.path.join("out", "bench"),
@@ -280,12 +282,11 @@ def rows_of(name, args):
 
 def time_row(row, set_args, k1, k2, args, out_dir):
     """pairs/s from a k1-step and a k2-step run, and the longer run's peak MiB."""
-    batch = args.batch_size * (1 if ROWS[row] is None else args.nproc)  # pairs a step
     os.makedirs(out_dir, exist_ok=True)
     log = os.path.join(out_dir, "log.txt")
     t1, _ = run_once(*command(row, set_args, k1, args, out_dir), log)
     t2, peak = run_once(*command(row, set_args, k2, args, out_dir), log)
-    return (k2 - k1) * batch / (t2 - t1), peak
+    return (k2 - k1) * args.batch_size / (t2 - t1), peak
 
 
 def main(argv=None):

@@ -80,8 +80,8 @@ MUTANTS = [
     ("no-sync-on-last", "train_dpo.py",
      "sync = nullcontext() if last or dist_info.world_size == 1 else model.no_sync()",
      "sync = nullcontext() if dist_info.world_size == 1 else model.no_sync()", DDP_TESTS),
-    ("rank-offset-dropped", "data.py", "start = (k * world_size + rank) * batch_size",
-     "start = (k * world_size) * batch_size", ["tests/test_data.py", *DDP_TESTS]),
+    ("rank-offset-dropped", "data.py", "start = (k * world_size + rank) * micro",
+     "start = (k * world_size) * micro", ["tests/test_data.py", *DDP_TESTS]),
     ("sft-mask-covers-prompt", "data.py", "mask += [0] * len(head) + prefix_mask + [on] * "
      "len(body)", "mask += [0] * len(head) + prefix_mask + [1] * len(body)",
      ["tests/test_data.py", "tests/test_train.py", "-k", "mask or nll or chat"]),
