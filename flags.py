@@ -81,7 +81,7 @@ def parse_dpo_args(argv, description):
     losses.add_args(parser)  # the variants' own flags
     variant_state.add_args(parser)
     add_model_args(parser)
-    add_training_args(parser, dict(out_dir="out", epochs=1.0, batch_size=8, lr=5e-5,
+    add_training_args(parser, dict(out_dir="out", epochs=1.0, batch_size=16, lr=5e-5,
                                    warmup_steps=20, max_len=256, eval_every=100))
     args = parser.parse_args(argv)
     args.beta, args.beta_source = choose_beta(args.beta, data.is_tinychat(args.data))

@@ -194,9 +194,10 @@ def test_dpo_on_a_converted_minimind_model_two_ranks_equal_one(converted, tmp_pa
     pairs = minimind_pairs(tmp_path / "dpo.jsonl")
     args = ["--data", pairs, "--val-data", "", "--sft-ckpt", str(converted / "dense.pt"),
             "--tokenizer", str(converted / "minimind.tiktoken"), "--steps", "3",
-            "--lr", "1e-4", "--warmup-steps", "1", "--sft-alpha", "0", *QUIET]
-    train_dpo.main(args + ["--out-dir", str(tmp_path / "one"), "--batch-size", "4"])
-    torchrun("train_dpo.py", args + ["--out-dir", str(tmp_path / "two"), "--batch-size", "2"])
+            "--lr", "1e-4", "--warmup-steps", "1", "--sft-alpha", "0", "--batch-size", "4",
+            *QUIET]
+    train_dpo.main(args + ["--out-dir", str(tmp_path / "one")])
+    torchrun("train_dpo.py", args + ["--out-dir", str(tmp_path / "two")])  # 2 pairs a rank
     one, two = weights(tmp_path / "one/dpo.pt"), weights(tmp_path / "two/dpo.pt")
     assert max_diff(one, two) < 1e-5
     assert max_diff(one, weights(converted / "dense.pt")) > 1e-4  # it did train (Adam: ~lr)
