@@ -80,16 +80,23 @@ def run(main):
     signal.signal(signal.SIGTERM, stop)
     try:
         run_main(main)
-        cleanup_distributed()
     except Interrupted as e:
+        leave_process_group(wait_for_the_others=False)
         raise SystemExit(f"stopped by {e}: the last checkpoint in --out-dir is intact; run "
                          "the same command with --resume to continue from it") from None
+    except BaseException:  # an error line (SystemExit) or a bug's traceback: leave at once
+        leave_process_group(wait_for_the_others=False)
+        raise
+    leave_process_group(wait_for_the_others=True)
 
 
-def cleanup_distributed():
-    """Leave the process group once every rank is done (rank 0 may still be saving or
-    printing samples: a rank tearing down gloo before the others can abort them)."""
+def leave_process_group(wait_for_the_others):
+    """Destroy the process group, if any (else NCCL warns at exit). After a good run,
+    once every rank is done (rank 0 may still be saving or printing samples: a rank
+    tearing down gloo before the others can abort them); after an error, at once (the
+    other ranks may never reach a barrier)."""
     import torch.distributed as dist  # here: the other scripts need no torch to say an error
     if dist.is_initialized():
-        dist.barrier()
+        if wait_for_the_others:
+            dist.barrier()
         dist.destroy_process_group()

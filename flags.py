@@ -142,7 +142,8 @@ def add_training_args(parser, defaults):
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     a("--max-len", type=int, default=defaults["max_len"], help="longest sequence in tokens")
     a("--dtype", default="float32", choices=sorted(DTYPES),
-      help="autocast dtype; float16 also enables a GradScaler")
+      help="autocast dtype; float16 also enables a GradScaler; float32 on CUDA "
+      "multiplies in TF32 (fp32 accumulation); the output head is fp32 in every dtype")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--seed", type=int, default=1337, help="seed for initialisation and data order")
     a("--group-by-length", action=argparse.BooleanOptionalAction, default=True,

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 
 from errors import UserError
 
+# scaled_dot_product_attention takes fewer K/V heads than query heads from torch 2.5
+GQA_IN_SDPA = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 @dataclass
 class ModelConfig:
@@ -151,9 +154,9 @@ class Attention(nn.Module):
         if cache is not None:
             start = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), S = start + T
-        repeat = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(repeat, dim=1)  # (B, H, S, D)
-        v = v.repeat_interleave(repeat, dim=1)  # (B, H, S, D)
+        if not GQA_IN_SDPA:  # torch < 2.5: each K/V head copied for its query heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, D)
         if start == 0:  # no earlier positions: the usual causal mask
             mask, causal = None, True
         elif T == 1:  # one new token attends to everything cached
@@ -170,8 +173,10 @@ class Attention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         with (torch.autocast(qkv.device.type, enabled=False) if fp32_attention
               else nullcontext()):
+            # enable_gqa: query head h reads K/V head h // (H / Hkv), with no copy of K/V
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               dropout_p=self.dropout if self.training else 0.0)
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               **({"enable_gqa": True} if GQA_IN_SDPA else {}))
         return y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
 
 
@@ -255,14 +260,18 @@ class Transformer(nn.Module):
         return self.finish(x, head_at, head)
 
     def finish(self, x, head_at=None, head=None):
-        """The last blocks' output x (B, T, C) -> logits (B, T, V), or (N, V) at head_at;
-        also leaves this forward's load-balancing loss in self.aux_loss (MoE; 0 if dense)."""
+        """The last blocks' output x (B, T, C) -> fp32 logits (B, T, V), or (N, V) at
+        head_at; also leaves this forward's load-balancing loss in self.aux_loss (MoE; 0 if dense)."""
         aux = [block.ffn.aux_loss for block in self.layers if hasattr(block.ffn, "aux_loss")]
         self.aux_loss = sum(aux) if aux else x.new_zeros((), dtype=torch.float32)
         x = self.norm(x)  # (B, T, C)
         if head_at is not None:
             x = x.reshape(-1, x.shape[-1])[head_at]  # (N, C): the positions the loss reads
-        return self.output(x) if head is None else head(x, self.output)
+        # the head in fp32 even under autocast: bf16 logits would round each log-prob by
+        # ~1e-3 nats (tests/test_model.py), and DPO's beta scales the sum over an answer
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            return self.output(x) if head is None else head(x, self.output)
 
     def num_params(self):
         """Parameters, counting the tied embedding once."""

@@ -55,6 +55,7 @@ def main(argv=None):
     training.seed_everything(args.seed)
     ctx = training.autocast(device, args.dtype)
     devices.warn_if_bf16_is_emulated(device, args.dtype, log)
+    devices.reset_peak_gpu_memory(device)  # this stage's peak, not an earlier one's
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
 
     # ------------------------------------------------------------------------
@@ -163,7 +164,8 @@ def main(argv=None):
         variants.after_step(done, record, skipped, raw_model)  # BCO's delta, TR-DPO's sync
         elapsed = time.time() - t0
         record.update(step=done, grad_norm=grad_norm, lr=lr, skipped_steps=skipped_steps,
-                      tokens_per_s=tokens_seen / elapsed, pairs_per_s=pairs_seen / elapsed)
+                      tokens_per_s=tokens_seen / elapsed, pairs_per_s=pairs_seen / elapsed,
+                      **devices.gpu_memory(device))  # peak MiB so far, on a GPU
         if is_main:
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['rewards/accuracies']:.2f}",
                             margin=f"{record['rewards/margins']:.2f}")

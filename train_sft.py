@@ -51,6 +51,7 @@ def main(argv=None):
     training.seed_everything(args.seed)
     ctx = training.autocast(device, args.dtype)
     devices.warn_if_bf16_is_emulated(device, args.dtype, log)
+    devices.reset_peak_gpu_memory(device)  # this stage's peak, not an earlier one's
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
 
     # ------------------------------------------------------------------------
@@ -146,7 +147,8 @@ def main(argv=None):
         done = step + 1
         elapsed = time.time() - t0
         record.update(step=done, grad_norm=grad_norm, lr=lr, skipped_steps=skipped_steps,
-                      tokens_per_s=tokens_seen / elapsed)
+                      tokens_per_s=tokens_seen / elapsed,
+                      **devices.gpu_memory(device))  # peak MiB so far, on a GPU
         if is_main:
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}")
         if val_ds is not None and (done == n_steps or

@@ -1,5 +1,5 @@
 """Set-up helpers that train_sft.py and train_dpo.py share: distributed set-up, the model
-wrapped for compile and DDP, AMP, the optimizer and its schedule, metrics logging. Nothing
+wrapped for DDP and compile, AMP, the optimizer and its schedule, metrics logging. Nothing
 here runs inside a training step: the loops, and everything a step calls, are in the two
 scripts, loss.py, data.py and model.py. Flags are in flags.py; checkpoints, the resume
 state and DPO's policy and reference at step 0 in checkpoint.py.
@@ -54,24 +54,29 @@ def setup_distributed(device="auto"):
                            torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
+        devices.use_tf32()
     if ddp and not dist.is_initialized():  # already, when train_dpo.py ran the SFT stage
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        on_gpu = {"device_id": torch.device(device)} if device.startswith("cuda") else {}
+        # device_id: NCCL binds this rank to its GPU at once (no barrier guessing it)
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo", **on_gpu)
     if ddp and device == "cpu":  # share the cores between the processes on this machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
     return Dist(rank, local_rank, world_size, torch.device(device))
 
 
 def wrap_model(model, compile_model, dist_info):
-    """The model the loop calls: optionally torch.compile'd, and DDP-wrapped under torchrun.
-    Keep the unwrapped model to save and to build the optimizer from."""
-    if compile_model:  # batch shapes vary from step to step: compile for dynamic shapes
-        model = torch.compile(model, dynamic=True)
+    """The model the loop calls: DDP-wrapped under torchrun, then optionally
+    torch.compile'd (in that order, so that compile splits the graph at DDP's gradient
+    buckets and each bucket's all-reduce overlaps the rest of the backward). Keep the
+    unwrapped model to save and to build the optimizer from."""
     if dist_info.world_size > 1:
         device = dist_info.device
         # no buffer sync before each forward: the only buffers are the RoPE tables, the
         # same on every rank (~25 MB a forward at minimind-768 otherwise)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     **NO_FORWARD_BUFFER_SYNC)
+    if compile_model:  # batch shapes vary from step to step: compile for dynamic shapes
+        model = torch.compile(model, dynamic=True)  # model.no_sync() reaches DDP's
     return model
 
 

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 from conftest import ROOT
 
@@ -23,3 +24,35 @@ def test_the_mutation_check_kills_a_planted_sign_flip(tmp_path):
     assert "1 of 1 mutants killed" in result.stdout
     with open(os.path.join(tree, "loss.py"), encoding="utf-8") as f:  # the copy's copy only
         assert "losses = -F.logsigmoid(beta * h)  # Eq. 7" in f.read()
+
+
+def test_the_gpu_checks_timing_window_on_the_cpu(files, sft_ckpt, tmp_path):
+    """tools/gpu_check.py times each row inside its process: the trainer's per-step
+    records after the warm-up steps, the process stopped once the window holds
+    --seconds. Here on the CPU, for train_dpo.py and the naive trainer."""
+    import argparse
+
+    from conftest import dpo_args
+    from tools import gpu_check
+    args = argparse.Namespace(warmup=2, seconds=1.5, row_limit=120, batch_size=4)
+    for name, cmd in (("dpo", ["train_dpo.py"]), ("naive", ["-m", "tools.bench", "naive"])):
+        out = tmp_path / name
+        out.mkdir()
+        flags = dpo_args(files, out, sft_ckpt, "--batch-size", "4", "--steps", "100000",
+                         "--log-every", "1", "--no-save", "--val-data", "", "--samples", "0")
+        t0 = time.time()
+        (steps, seconds), peak = gpu_check.time_row([sys.executable, *cmd, *flags], str(out),
+                                                    args)
+        assert time.time() - t0 < 100  # stopped long before its 100,000 steps
+        assert steps >= 1 and 1.5 <= seconds < 10 and peak is None  # no GPU: no peak
+        records = gpu_check.read_records(out / "dpo" / "metrics.jsonl")
+        assert records[-1]["step"] == steps + 2  # every step after the warm-up is timed
+        assert "Traceback" not in (out / "log.txt").read_text()
+
+
+def test_the_gpu_checks_window_is_the_difference_of_elapsed_times():
+    from tools import gpu_check
+    records = [{"step": s, "pairs_per_s": s * 8 / (1.0 + 0.5 * s)} for s in range(1, 21)]
+    steps, seconds = gpu_check.window(records, 10, 8)  # elapsed(s) = 1 + 0.5 s
+    assert steps == 10 and abs(seconds - 5.0) < 1e-9
+    assert gpu_check.window(records[:10], 10, 8) == (0, 0.0)  # nothing after the warm-up

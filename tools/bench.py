@@ -54,6 +54,7 @@ import checkpoint
 import data
 import devices
 import tokenizer
+import training
 import train_dpo
 from errors import ArgumentParser, UserError, run_main
 
@@ -183,7 +184,8 @@ def set_flags(name, args):
 def naive_main(argv):
     """`python -m tools.bench naive [train_dpo.py flags]`: what MiniMind's trainer/train_dpo.py
     does each step, on the data and model train_dpo.py would build from the same flags.
-    One process, fp32, --steps steps, batches in random order."""
+    One process, fp32, --steps steps, batches in random order; with --log-every 1 a
+    record a step (steps and pairs/s, after a synchronize) in OUT_DIR/dpo/metrics.jsonl."""
     args = train_dpo.parse_args(argv)
     device = torch.device(devices.choose_device(args.device, False, 0, 1,
                                                  torch.cuda.device_count()))
@@ -197,9 +199,12 @@ def naive_main(argv):
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)  # MiniMind's: defaults
     order = torch.randperm(len(train_ds)).tolist()
+    metrics = training.MetricsLog(os.path.join(args.out_dir, "dpo", "metrics.jsonl"), True,
+                                  False) if args.log_every == 1 else None
     t0 = time.time()
     for step in range(args.steps):
-        idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+        idx = [order[(step * args.batch_size + j) % len(order)]  # epoch after epoch
+               for j in range(args.batch_size)]
         ids, mask = data.collate_pairs([train_ds[i] for i in idx], train_ds.pad_id)
         # MiniMind's DPODataset pads every sequence to max_length, x = ids[:-1], y = ids[1:]
         ids = F.pad(ids, (0, args.max_len - ids.shape[1]), value=train_ds.pad_id)
@@ -217,6 +222,11 @@ def naive_main(argv):
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if metrics is not None:  # --log-every 1 (tools/gpu_check.py): a record a step
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the step's time, not its launch's
+            metrics.write({"step": step + 1, "pairs_per_s": (step + 1) * args.batch_size /
+                           (time.time() - t0), **devices.gpu_memory(device)})
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.time() - t0

@@ -24,7 +24,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA GPU here: the GPU tier runs where "
                                 "torch.cuda.is_available() (bash scripts/gpu_check.sh)")
 GPU = ["--device", "cuda"]  # after conftest's --device cpu: the last one counts
-TOL = 1e-3  # CUDA: non-deterministic reductions, TF32 off by default in PyTorch
+TOL = 1e-3  # CUDA: non-deterministic reductions, and float32 matmuls in TF32 (trainers)
+
+
+@pytest.fixture(autouse=True)
+def restore_tf32():
+    """The trainers switch TF32 on for CUDA (devices.use_tf32): each test starts with
+    PyTorch's flags as they were."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def records(path):
@@ -41,6 +50,7 @@ def run(*cmd, timeout=600):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_sft_and_dpo_through_the_scripts(files, tmp_path, dtype):
+    """Both stages on the GPU in each dtype; float32 multiplies in TF32 there."""
     run("train_sft.py", *sft_args(files, tmp_path, "--steps", "6", "--batch-size", "8",
                                   "--dtype", dtype, *GPU))
     run("train_dpo.py", *dpo_args(files, tmp_path, tmp_path / "sft.pt", "--steps", "6",
@@ -65,16 +75,32 @@ def test_float16_overflow_is_skipped_and_counted_by_the_cuda_scaler(files, sft_c
     assert 1 <= skipped < 30 and 2.0 ** skipped == init / scale
 
 
+LAUNCH = ["-m", "torch.distributed.run", "--standalone"]
+
+
 def test_torchrun_with_nccl(files, sft_ckpt, tmp_path):
-    launch = ["-m", "torch.distributed.run", "--standalone"]
-    common = ["--steps", "4", *GPU]
-    run(*launch, "--nproc_per_node=1", "train_dpo.py",
-        *dpo_args(files, tmp_path / "one", sft_ckpt, *common, "--batch-size", "8"))
+    """--batch-size is the global batch: 1 process x 8 pairs and 2 x 4 train the same
+    run. Two processes need two GPUs: NCCL refuses two ranks on one GPU ("Duplicate GPU
+    detected"), and the trainers refuse it first, in one line (checked on one GPU)."""
+    common = ["--steps", "4", "--batch-size", "8", *GPU]
+    run(*LAUNCH, "--nproc_per_node=1", "train_dpo.py",
+        *dpo_args(files, tmp_path / "one", sft_ckpt, *common))
     if torch.cuda.device_count() < 2:
-        pytest.skip("one GPU: NCCL ran with 1 process; 2 processes = 1 x 2B needs 2 GPUs")
-    run(*launch, "--nproc_per_node=2", "train_dpo.py",
-        *dpo_args(files, tmp_path / "two", sft_ckpt, *common, "--batch-size", "4"))
+        result = subprocess.run([sys.executable, *LAUNCH, "--nproc_per_node=2", "train_dpo.py",
+                                 *dpo_args(files, tmp_path / "two", sft_ckpt, *common)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0
+        assert "error: torchrun started 2 processes on this machine but 1 GPU(s)" in \
+            result.stderr, result.stderr[-2000:]
+        pytest.skip("one GPU: NCCL ran with 1 process (no all-reduce); 2 processes on one "
+                    "GPU are refused (NCCL does not allow two ranks on one GPU)")
+    run(*LAUNCH, "--nproc_per_node=2", "train_dpo.py",
+        *dpo_args(files, tmp_path / "two", sft_ckpt, *common))
     assert max_diff(weights(tmp_path / "one/dpo.pt"), weights(tmp_path / "two/dpo.pt")) < TOL
+    run(*LAUNCH, "--nproc_per_node=2", "train_dpo.py",  # DDP, then compile (training.py)
+        *dpo_args(files, tmp_path / "compiled", sft_ckpt, *common, "--compile"))
+    assert max_diff(weights(tmp_path / "two/dpo.pt"),
+                    weights(tmp_path / "compiled/dpo.pt")) < TOL
 
 
 def test_kv_cache_generation_equals_full_reforward_on_the_gpu():
@@ -91,14 +117,19 @@ def test_kv_cache_generation_equals_full_reforward_on_the_gpu():
 
 
 @pytest.mark.parametrize("layout", [[], ["--packed"]])
-def test_compile_recompiles_a_bounded_number_of_times(files, sft_ckpt, tmp_path, layout):
+def test_compile_makes_one_graph_for_every_length(files, sft_ckpt, tmp_path, layout):
+    """12 steps meet ~12 sequence lengths: dynamic shapes compile one graph for the
+    layout, and no frame falls back to eager at Dynamo's recompile limit (8). Recompiling
+    for each length (dynamic=False) gives 8 graphs and a failed frame: this fails."""
     from torch._dynamo.utils import counters
-    torch._dynamo.reset()
-    counters.clear()
     common = ["--steps", "12", "--batch-size", "4", "--log-every", "1", *layout, *GPU]
     train_dpo.main(dpo_args(files, tmp_path / "eager", sft_ckpt, *common))
+    torch._dynamo.reset()
+    counters.clear()
     train_dpo.main(dpo_args(files, tmp_path / "compiled", sft_ckpt, *common, "--compile"))
-    assert counters["stats"]["unique_graphs"] <= 8, dict(counters["stats"])
+    stats = {k: dict(v) for k, v in counters.items() if k in ("stats", "frames")}
+    assert counters["stats"]["unique_graphs"] == 1, stats
+    assert counters["frames"]["total"] == counters["frames"]["ok"], stats
     eager = records(tmp_path / "eager/dpo/metrics.jsonl")
     compiled = records(tmp_path / "compiled/dpo/metrics.jsonl")
     assert len(eager) == len(compiled) == 12
@@ -149,10 +180,14 @@ def test_resume_on_the_gpu(files, sft_ckpt, tmp_path):
 
 
 def test_a_gpu_checkpoint_loads_on_the_cpu_and_back(files, sft_ckpt, tmp_path):
+    """A checkpoint written on the GPU holds CPU tensors: plain torch.load (no
+    map_location, weights only) opens it on a machine without a GPU."""
     train_sft.main(sft_args(files, tmp_path, "--steps", "2", "--batch-size", "8", *GPU))
+    raw = torch.load(tmp_path / "sft.pt", weights_only=True)
+    assert all(t.device.type == "cpu" for t in raw["model"].values())
     ckpt = load_checkpoint(str(tmp_path / "sft.pt"))
-    assert all(t.device.type == "cpu" for t in ckpt["model"].values())
     model = model_from_checkpoint(ckpt).eval()
+    torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32, not TF32
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         on_cpu = model(ids)
