@@ -1,4 +1,5 @@
-"""Checkpoints: plain tensors and primitives only, written atomically, read strictly.
+"""Checkpoints: plain tensors and primitives only, written atomically, read strictly; and
+the metrics log (MetricsLog), the other file a training run writes.
 
 A checkpoint is {"format", "model": fp32 state dict, "config": ModelConfig as a dict,
 "tokenizer": its identity, "train_state" when resuming}; read with
@@ -9,25 +10,21 @@ batch is a function of k), under any launcher.
 Not run directly; the training scripts, sample.py and evaluate.py use it.
 """
 
-import copy
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import pickle
 import random
 import re
-import shlex
 import tempfile
 import zipfile
 from dataclasses import asdict, fields
 
 import torch
 
-import data
-import tokenizer
 from errors import UserError
-from flags import config_from_args
 from model import ModelConfig, Transformer
 
 CHECKPOINT_FORMAT = 1  # raise when the layout changes; newer files are refused with a reason
@@ -193,10 +190,10 @@ def model_from_checkpoint(ckpt, path=""):
 # Resuming: the training state a checkpoint keeps, and the run it belongs to
 
 
-def load_resume(ckpt_path, enabled, model, tokenizer_id, run):
+def load_resume(ckpt_path, enabled, model, tokenizer_id, run, log=print):
     """With --resume: the checkpoint at ckpt_path (there must be one), checked to be the
     same run (see run_identity), its weights loaded into model (restore_training_state
-    takes the rest later); without --resume, None."""
+    takes the rest later), said in one line; without --resume, None."""
     if not enabled:
         return None
     if not os.path.exists(ckpt_path):  # never start over silently (and lose the metrics)
@@ -214,6 +211,7 @@ def load_resume(ckpt_path, enabled, model, tokenizer_id, run):
                         + "; ".join(differences) + ". Resume with the same settings, or "
                         "start a new run in another --out-dir.")
     model.load_state_dict(resume["model"], strict=True)
+    log(f"resumed from {ckpt_path} at step {resume['train_state']['step']}")
     return resume
 
 
@@ -279,57 +277,46 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# DPO's two models at step 0: the policy and the reference
+# DPO's models at step 0 (train_dpo.py makes the policy and its reference from them)
 
 
-def policy_from_sft(args, vocab_size, tokenizer_id):
-    """The policy at step 0: the SFT checkpoint, or with --sft-ckpt '' a fresh model shaped
-    by the model flags (for timing runs). Dropout is off in DPO, for policy and reference."""
-    if not args.sft_ckpt:
-        return Transformer(dataclasses.replace(config_from_args(args, vocab_size), dropout=0.0))
-    sft = load_checkpoint(args.sft_ckpt)
-    check_tokenizer(sft, tokenizer_id, args.sft_ckpt)
-    sft["config"]["dropout"] = 0.0
-    return model_from_checkpoint(sft, args.sft_ckpt)
-
-
-def reference_model(args, policy, tokenizer_id, device):
-    """The frozen reference: a copy of the policy at step 0 (the SFT model), or the
-    --ref-ckpt model; no dropout, no gradients."""
-    if not args.ref_ckpt:
-        return copy.deepcopy(policy).eval().requires_grad_(False)
-    ckpt = load_checkpoint(args.ref_ckpt)
-    check_tokenizer(ckpt, tokenizer_id, args.ref_ckpt)
+def dpo_model(path, tokenizer_id, config, check_shape=False):
+    """A model for DPO, dropout off (in policy and reference alike): the checkpoint at path,
+    its tokenizer checked; path '' gives a fresh model of shape config (for timing runs).
+    check_shape refuses a checkpoint of another shape than config (--ref-ckpt against the
+    policy)."""
+    if not path:
+        return Transformer(dataclasses.replace(config, dropout=0.0))
+    ckpt = load_checkpoint(path)
+    check_tokenizer(ckpt, tokenizer_id, path)
     ckpt["config"]["dropout"] = 0.0
-    reference = model_from_checkpoint(ckpt, args.ref_ckpt).to(device)
-    if reference.config != policy.config:
-        raise UserError(f"--ref-ckpt {args.ref_ckpt}: its model shape differs from the policy's "
-                        f"({reference.config} vs {policy.config})")
-    return reference.eval().requires_grad_(False)
+    model = model_from_checkpoint(ckpt, path)
+    if check_shape and model.config != config:
+        raise UserError(f"--ref-ckpt {path}: its model shape differs from the policy's "
+                        f"({model.config} vs {config})")
+    return model
 
 
-# train_dpo.py's one command: the SFT checkpoint it starts from, trained first if missing
+# What a run writes besides checkpoints: its metrics
 
 
-def find_sft_checkpoint(args, log):
-    """Without --sft-ckpt, args.sft_ckpt becomes OUT_DIR/sft.pt. When that is missing: on
-    TinyChat's data, train it now, the same code as `train_sft.py --out-dir OUT_DIR` under
-    the same launcher (torchrun or not); on other data, say how (its SFT data is the user's
-    to name)."""
-    if args.sft_ckpt is not None:
-        return
-    args.sft_ckpt = os.path.join(args.out_dir, "sft.pt")
-    if os.path.exists(args.sft_ckpt):
-        return
-    if not (data.is_tinychat(args.data) and args.tokenizer == tokenizer.DEFAULT_TOKENIZER):
-        raise UserError(f"no SFT checkpoint at {args.sft_ckpt}: train one on your own SFT data "
-                        f"first (python train_sft.py --data SFT.jsonl --out-dir {args.out_dir}),"
-                        " or pass --sft-ckpt PATH")
-    sft_argv = ["--out-dir", args.out_dir, "--device", args.device, "--seed", str(args.seed),
-                *(["--quiet"] if args.quiet else []), *shlex.split(args.sft_flags)]
-    log(f"no SFT checkpoint at {args.sft_ckpt}: training it first, as train_sft.py "
-        f"{' '.join(sft_argv)}")
-    import train_sft  # the SFT stage's own script (it imports this module)
-    train_sft.main(sft_argv)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every rank waits for rank 0's sft.pt
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl (rank 0 only); with
+    --wandb PROJECT the same records also go to Weights & Biases."""
+
+    def __init__(self, path, enabled, resume, args=None):
+        self.path, self.enabled, self.wandb_run = path, enabled, None
+        if enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if not resume and os.path.exists(path):
+                os.remove(path)
+        if enabled and args is not None and args.wandb:  # extras/wandb_log.py
+            from extras.wandb_log import start_run
+            self.wandb_run = start_run(args, path)
+
+    def write(self, record):
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.wandb_run is not None:
+                self.wandb_run.log(record, step=record["step"])

@@ -15,6 +15,7 @@ from collections import Counter
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from devices import to_device
 from errors import UserError
 from formats import fit_prompt, load_records, preference_messages, sft_messages
 from tokenizer import ENDOFTEXT, IM_END, IM_START, encode_text
@@ -105,11 +106,6 @@ class Chat:
         ids, mask = self.render(messages[1:])
         ids, mask = first + self.newline + ids, [1] * len(first) + [0] * len(self.newline) + mask
         return ids[:len(ids) - len(self.newline)], mask[:len(ids) - len(self.newline)]
-
-
-def is_tinychat(path):
-    """Whether path is one of the shipped TinyChat files in DATA_DIR."""
-    return os.path.dirname(os.path.realpath(path)) == os.path.realpath(DATA_DIR)
 
 
 # ----------------------------------------------------------------------------
@@ -204,15 +200,6 @@ class PreferenceDataset:
 def pair_length(item):
     """Tokens a pair costs in the concatenated forward: prompt + chosen + prompt + rejected."""
     return 2 * len(item["prompt"]) + len(item["chosen"]) + len(item["rejected"])
-
-
-def to_device(tensor, device):
-    """A batch made on the CPU, onto device: on CUDA copied from pinned memory without
-    blocking, so the copy overlaps the work already queued (a copy from pageable memory
-    would wait for it)."""
-    if device.type != "cuda" or tensor.is_cuda:
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def collate_sft(items, pad_id):

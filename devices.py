@@ -1,7 +1,7 @@
 """Which device each process takes, and what its hardware can do: the device choice as
 a pure function (every case tested on CPU), TF32 on CUDA, the CPU's bfloat16 support,
-peak GPU memory.
-training.setup_distributed and the scripts use it.
+peak GPU memory, and a batch's copy to the device (to_device).
+training.setup_distributed, the scripts and the batches use it.
 """
 
 import os
@@ -96,3 +96,12 @@ def warn_if_bf16_is_emulated(device, dtype_name, log):
     if device.type == "cpu" and dtype_name == "bfloat16" and cpu_has_bf16() is False:
         log("warning: this CPU has no bfloat16 instructions (AVX512-BF16, AMX or Arm BF16): "
             "--dtype bfloat16 is emulated here and will be slower than float32")
+
+
+def to_device(tensor, device):
+    """A batch made on the CPU, onto device: on CUDA copied from pinned memory without
+    blocking, so the copy overlaps the work already queued (a copy from pageable memory
+    would wait for it)."""
+    if device.type != "cuda" or tensor.is_cuda:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

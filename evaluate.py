@@ -27,9 +27,8 @@ import devices
 import formats
 import tasks
 import tokenizer
-import training
 from errors import ArgumentParser, run_main
-from flags import PAPER_BETA, TINYCHAT_BETA, choose_beta
+from flags import PAPER_BETA, TINYCHAT_BETA, check_max_len, choose_beta, is_tinychat
 from loss import concatenated_logps, response_logps
 from sample import cut_note, eval_prompts, fit_for_generation, generate, load_model
 
@@ -273,10 +272,10 @@ def main():
     token_shifts = {}  # --pairs: per-token shifts of a few pairs, for tools/plot.py tokens
 
     if args.pairs:
-        args.beta, why = choose_beta(args.beta, data.is_tinychat(args.pairs))
+        args.beta, why = choose_beta(args.beta, is_tinychat(args.pairs))
         print(f"beta {args.beta} ({why})")
         for model in [reference, *models.values()]:
-            training.check_max_len(args.max_len, model.config)
+            check_max_len(args.max_len, model.config)
         dataset = data.PreferenceDataset(args.pairs, enc, args.max_len, args.max_prompt_len)
         records = [r for r, _ in formats.read_records(args.pairs)]
         groups = None  # TinyChat's pairs name their flaw: split the shifts by it

@@ -6,11 +6,12 @@ parse_dpo_args; nothing here runs during training.
 
 import argparse
 import os
+import shlex
 from dataclasses import fields
 
 import data
 import tokenizer
-from errors import ArgumentParser, run_main
+from errors import ArgumentParser, UserError, run_main
 from extras import losses, variant_state
 from loss import LOSS_TYPES, REFERENCE_FREE_LOSSES, SMOOTHED_LOSSES
 from model import PRESETS, ModelConfig, Transformer, make_config
@@ -84,7 +85,13 @@ def parse_dpo_args(argv, description):
     add_training_args(parser, dict(out_dir="out", epochs=1.0, batch_size=16, lr=5e-5,
                                    warmup_steps=20, max_len=256, eval_every=100))
     args = parser.parse_args(argv)
-    args.beta, args.beta_source = choose_beta(args.beta, data.is_tinychat(args.data))
+    args.beta, args.beta_source = choose_beta(args.beta, is_tinychat(args.data))
+    # the SFT checkpoint: --sft-ckpt, or OUT_DIR/sft.pt, which train_dpo.py trains first
+    # (sft_stage_argv) when it is missing
+    args.sft_first = args.sft_ckpt is None and not os.path.exists(
+        os.path.join(args.out_dir, "sft.pt"))
+    if args.sft_ckpt is None:
+        args.sft_ckpt = os.path.join(args.out_dir, "sft.pt")
     variant_state.check_args(parser, args, REFERENCE_FREE_LOSSES)
     if not 0 <= args.label_smoothing < 0.5:
         parser.error("--label-smoothing must be in [0, 0.5)")
@@ -95,6 +102,47 @@ def parse_dpo_args(argv, description):
         parser.error(f"--ref-ckpt names a reference, but --reference-free and --loss "
                      f"{'/'.join(REFERENCE_FREE_LOSSES)} use none")
     return args
+
+
+def sft_stage_argv(args, log):
+    """The train_sft.py flags of the SFT stage train_dpo.py runs first when OUT_DIR/sft.pt
+    is missing (said in one line): on TinyChat's data, its out-dir, device, seed and
+    --sft-flags; on other data a UserError that says how (its SFT data is the user's)."""
+    if not (is_tinychat(args.data) and args.tokenizer == tokenizer.DEFAULT_TOKENIZER):
+        raise UserError(f"no SFT checkpoint at {args.sft_ckpt}: train one on your own SFT data "
+                        f"first (python train_sft.py --data SFT.jsonl --out-dir {args.out_dir}),"
+                        " or pass --sft-ckpt PATH")
+    argv = ["--out-dir", args.out_dir, "--device", args.device, "--seed", str(args.seed),
+            *(["--quiet"] if args.quiet else []), *shlex.split(args.sft_flags)]
+    log(f"no SFT checkpoint at {args.sft_ckpt}: training it first, as train_sft.py "
+        f"{' '.join(argv)}")
+    return argv
+
+
+def total_steps(args, steps_per_epoch, n_examples):
+    """Optimizer steps for the run: --steps, or --epochs over the data; a UserError when
+    the data holds fewer than one global batch."""
+    if steps_per_epoch == 0:
+        raise UserError(f"{args.data}: {n_examples} examples are fewer than one global batch "
+                        f"(--batch-size {args.batch_size})")
+    return args.steps if args.steps is not None else max(1, int(args.epochs * steps_per_epoch))
+
+
+def last_step(args, start_step, n_steps):
+    """Where this run stops: the end of the schedule, or earlier with --stop-after."""
+    return n_steps if args.stop_after is None else min(n_steps, start_step + args.stop_after)
+
+
+def check_max_len(max_len, config):
+    """--max-len must fit the model's context (else the first long batch would fail)."""
+    if max_len > config.max_seq_len:
+        raise UserError(f"--max-len {max_len} is longer than the model's context "
+                        f"(max_seq_len {config.max_seq_len})")
+
+
+def is_tinychat(path):
+    """Whether path is one of the shipped TinyChat files in DATA_DIR."""
+    return os.path.dirname(os.path.realpath(path)) == os.path.realpath(data.DATA_DIR)
 
 
 def choose_beta(beta, on_tinychat):

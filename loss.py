@@ -11,16 +11,18 @@ beta * (log pi(y|x) - log pi_ref(y|x)) is the implicit reward of y. Every
 log pi(y|x) here is a SUM over the response tokens (not a mean).
 
 Reading order: sequence_logps (the worked example) -> response_logps (the
-same, as both trainers call it) -> concatenated_logps (DPO's pairs) -> dpo_loss.
+same, as both trainers call it) -> concatenated_logps (DPO's pairs) -> dpo_loss;
+read_step, last, averages a step's metrics over the ranks.
 Not run directly; train_sft.py and train_dpo.py use it.
 """
 
 from collections import namedtuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import to_device
+from devices import to_device
 from extras.chunked_head import chunked_head_for
 from extras.losses import REFERENCE_FREE, SMOOTHED, VARIANTS
 
@@ -222,3 +224,16 @@ def preference_metrics(losses, chosen_rewards, rejected_rewards, policy_logps):
         "logps/rejected": policy_logps.rejected.detach().mean(),
         "loss/dpo": losses.detach().mean(),
     }
+
+
+def read_step(step_metrics, names, grad_norm, world_size):
+    """The step's one read from the device (its one host sync): the metrics (0-dim tensors
+    by name) averaged over all ranks in one all_reduce, and the gradient norm (0-dim, the
+    same on every rank: DDP averaged the gradients). Returns (record, grad_norm): the
+    metrics as floats by name, in the order of names, and the norm as a float."""
+    values = torch.stack([step_metrics[n] for n in names])  # (M,) on device
+    if world_size > 1:
+        dist.all_reduce(values)  # summed over ranks: one collective
+    values = torch.cat([values / world_size, grad_norm.float()[None]])  # (M + 1,)
+    *values, grad_norm = values.tolist()  # the one sync (float16's scaler adds its own)
+    return dict(zip(names, values)), grad_norm

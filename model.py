@@ -24,9 +24,6 @@ import torch.nn.functional as F
 
 from errors import UserError
 
-# scaled_dot_product_attention takes fewer K/V heads than query heads from torch 2.5
-GQA_IN_SDPA = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 5)
-
 
 @dataclass
 class ModelConfig:
@@ -154,9 +151,6 @@ class Attention(nn.Module):
         if cache is not None:
             start = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), S = start + T
-        if not GQA_IN_SDPA:  # torch < 2.5: each K/V head copied for its query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, D)
         if start == 0:  # no earlier positions: the usual causal mask
             mask, causal = None, True
         elif T == 1:  # one new token attends to everything cached
@@ -176,7 +170,7 @@ class Attention(nn.Module):
             # enable_gqa: query head h reads K/V head h // (H / Hkv), with no copy of K/V
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                dropout_p=self.dropout if self.training else 0.0,
-                                               **({"enable_gqa": True} if GQA_IN_SDPA else {}))
+                                               enable_gqa=True)  # (B, H, T, D)
         return y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
 
 
@@ -239,10 +233,11 @@ class Transformer(nn.Module):
     def forward(self, idx, cache=None, head_at=None, head=None):
         """idx (B, T) token ids -> logits (B, T, V). cache: a sample.KVCache when generating.
 
-        head_at, the positions a loss reads as indices (N,) into the B * T flattened ones
-        (loss.response_logps): the output head, the costliest matmul at this size, then
-        runs at those N positions only and the logits are (N, V). head(hidden (N, C),
-        output layer), if given, replaces the output head (extras/chunked_head.py).
+        head_at, the positions a loss reads, as indices (N,) into the B * T positions of idx
+        flattened: the output head, the costliest matmul at this size, then runs at those
+        N only and the logits are (N, V). (loss.response_logps passes ids[:, :-1], the
+        positions that predict a next token: its T is one less than the batch's.) head
+        (hidden (N, C), output layer), if given, replaces the head (extras/chunked_head.py).
         """
         if not torch.is_tensor(idx):  # another batch layout (extras/packed.py) runs the
             return idx.forward(self, head_at, head)  # blocks its own way
@@ -261,7 +256,7 @@ class Transformer(nn.Module):
 
     def finish(self, x, head_at=None, head=None):
         """The last blocks' output x (B, T, C) -> fp32 logits (B, T, V), or (N, V) at
-        head_at; also leaves this forward's load-balancing loss in self.aux_loss (MoE; 0 if dense)."""
+        head_at; the forward's load-balancing loss left in self.aux_loss (MoE; 0 if dense)."""
         aux = [block.ffn.aux_loss for block in self.layers if hasattr(block.ffn, "aux_loss")]
         self.aux_loss = sum(aux) if aux else x.new_zeros((), dtype=torch.float32)
         x = self.norm(x)  # (B, T, C)

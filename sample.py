@@ -18,6 +18,7 @@ import tasks
 import tokenizer
 from errors import ArgumentParser, run_main
 from checkpoint import check_tokenizer, load_checkpoint, model_from_checkpoint
+from flags import is_tinychat
 
 
 # ----------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def show_samples(model, enc, n, device, data_path, val_path, pairs=False):
     first prompts of the user's own held-out file (val_path), or, with none, a hint."""
     model.eval()
     note = SayOnce()
-    if data.is_tinychat(data_path):
+    if is_tinychat(data_path):
         for row in one_per_skill(eval_prompts(), n):
             answer = reply(model, enc, row["messages"], device=device, note=note)[0]
             score = tasks.judge(row["meta"], answer)["score"]

@@ -10,6 +10,7 @@ Run:  python train_sft.py && torchrun --standalone --nproc_per_node=2 train_dpo.
       python train_dpo.py --data my_pairs.jsonl --beta 0.1 --loss sigmoid
 """
 
+import copy
 import functools
 import math
 import os
@@ -25,10 +26,11 @@ import devices
 import errors
 import flags
 import tokenizer
+import train_sft
 import training
 from extras import losses, precomputed_reference, variant_state
 from loss import (METRIC_NAMES, REFERENCE_FREE_LOSSES, dpo_loss, dpo_objective, pair_logps,
-                  reference_logps)
+                  read_step, reference_logps)
 from sample import show_samples
 
 STAGE = "dpo"
@@ -49,9 +51,13 @@ def main(argv=None):
     dist_info = training.setup_distributed(args.device)
     device, is_main = dist_info.device, dist_info.is_main
     log = print if is_main else (lambda *a, **k: None)
-    # DPO: beta, and the SFT model it starts from (OUT_DIR/sft.pt, trained first if missing)
+    # DPO: beta, and the SFT model it starts from (--sft-ckpt; by default OUT_DIR/sft.pt,
+    # trained first when missing: train_sft.py's own main, under the same launcher)
     log(f"beta {args.beta} ({args.beta_source})")
-    checkpoint.find_sft_checkpoint(args, log)
+    if args.sft_first:
+        train_sft.main(flags.sft_stage_argv(args, log))
+        if dist_info.world_size > 1:
+            torch.distributed.barrier()  # every rank waits for rank 0's sft.pt
     training.seed_everything(args.seed)
     ctx = training.autocast(device, args.dtype)
     devices.warn_if_bf16_is_emulated(device, args.dtype, log)
@@ -69,24 +75,28 @@ def main(argv=None):
     train_lengths = train_ds.lengths()
     order = data.BatchOrder(train_lengths, args.batch_size, args.seed, dist_info.rank,
                             dist_info.world_size, args.grad_accum, args.group_by_length)
-    if order.steps_per_epoch == 0:
-        raise errors.UserError(f"{args.data}: {len(train_ds)} pairs are fewer than one global "
-                               f"batch (--batch-size {args.batch_size})")
-    n_steps = training.total_steps(args, order.steps_per_epoch)
+    n_steps = flags.total_steps(args, order.steps_per_epoch, len(train_ds))
     log(f"{len(train_ds)} training pairs ({sum(train_lengths) / len(train_ds):.1f} tokens a "
         f"pair), {order.steps_per_epoch} steps per epoch, {n_steps} steps")
 
     # ------------------------------------------------------------------------
     # 4. Model (and, with --resume, the weights of the last checkpoint)
-    # DPO: the policy starts from the SFT weights; the reference is a frozen copy of them.
-    model = checkpoint.policy_from_sft(args, enc.n_vocab, tokenizer_id)
+    # DPO: the policy starts from the SFT weights. The reference is a copy of them (or the
+    # --ref-ckpt model), frozen: eval(), no gradients, and never wrapped in DDP. Copied here,
+    # before --resume loads the last checkpoint into the policy, it is the SFT model still.
+    model = checkpoint.dpo_model(args.sft_ckpt, tokenizer_id,
+                                 flags.config_from_args(args, enc.n_vocab))
     model.to(device)
-    reference = None
+    reference = None  # --reference-free, and the losses that never read one
     if not args.reference_free and args.loss not in REFERENCE_FREE_LOSSES:
-        reference = checkpoint.reference_model(args, model, tokenizer_id, device)  # no DDP
+        reference = (checkpoint.dpo_model(args.ref_ckpt, tokenizer_id, model.config, True)
+                     if args.ref_ckpt else copy.deepcopy(model))
+        reference.to(device).eval().requires_grad_(False)
+    # --resume: the weights here, optimizer, scaler, RNG and step in section 5; exact, as
+    # step k's batches depend on k, the data and run_identity's flags only (data.BatchOrder)
     run = checkpoint.run_identity(args, flags.RUN_KEYS[STAGE], model.config)
-    resume = checkpoint.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
-    training.check_max_len(args.max_len, model.config)
+    resume = checkpoint.load_resume(ckpt_path, args.resume, model, tokenizer_id, run, log)
+    flags.check_max_len(args.max_len, model.config)
     log(f"model: {model.num_params():,} parameters, {model.config}")
     ref_tables = {}  # --precompute-ref: every pair's reference log-probs, then no reference
     if args.precompute_ref and reference is not None:
@@ -99,12 +109,11 @@ def main(argv=None):
     # ------------------------------------------------------------------------
     # 5. Optimizer, learning-rate schedule, AMP scaler
     optimizer = training.configure_optimizer(raw_model, args.lr, args.weight_decay)
-    scaler = training.make_scaler(device, args.dtype)
+    # float16's GradScaler, off for bfloat16 and float32 (their range needs none)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
     start_step = checkpoint.restore_training_state(resume, optimizer, scaler, device)
-    if resume is not None:
-        log(f"resumed from {ckpt_path} at step {start_step}")
-    metrics_log = training.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
-                                      is_main, resume is not None, args)
+    metrics_log = checkpoint.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
+                                        is_main, resume is not None, args)
     # DPO: the loss with its hyper-parameters, fixed once for the whole run, and what some
     # variants carry from step to step (extras/variant_state.py; in checkpoints too)
     loss_fn = functools.partial(dpo_loss, beta=args.beta, loss_type=args.loss,
@@ -113,7 +122,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------
     # 6. Training loop
-    end_step = training.last_step(args, start_step, n_steps)
+    end_step = flags.last_step(args, start_step, n_steps)
     skipped_steps, pairs_seen, tokens_seen, t0 = 0, 0, 0, time.time()
     bar = tqdm(range(start_step, end_step), initial=start_step, total=n_steps,
                disable=not is_main or args.quiet, desc=STAGE)
@@ -150,8 +159,8 @@ def main(argv=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
                                                    args.grad_clip or math.inf)  # 0-dim
         # the metrics averaged over ranks and the norm, in the step's one host sync
-        record, grad_norm = training.read_step(step_metrics, METRIC_NAMES, grad_norm,
-                                               dist_info.world_size)
+        record, grad_norm = read_step(step_metrics, METRIC_NAMES, grad_norm,
+                                      dist_info.world_size)
         if not math.isfinite(record["loss"]) and args.dtype != "float16":  # fp16: scaler skips
             raise errors.NonFiniteLoss(record["loss"], step, args.dtype)
         skipped = not math.isfinite(grad_norm)
@@ -164,10 +173,12 @@ def main(argv=None):
         variants.after_step(done, record, skipped, raw_model)  # BCO's delta, TR-DPO's sync
         elapsed = time.time() - t0
         record.update(step=done, grad_norm=grad_norm, lr=lr, skipped_steps=skipped_steps,
-                      tokens_per_s=tokens_seen / elapsed, pairs_per_s=pairs_seen / elapsed,
+                      tokens_per_s=tokens_seen / elapsed,
+                      pairs_per_s=pairs_seen / elapsed,
                       **devices.gpu_memory(device))  # peak MiB so far, on a GPU
         if is_main:
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['rewards/accuracies']:.2f}",
+            bar.set_postfix(loss=f"{record['loss']:.3f}",
+                            acc=f"{record['rewards/accuracies']:.2f}",
                             margin=f"{record['rewards/margins']:.2f}")
         if val_ds is not None and (done == n_steps or
                                    (args.eval_every and done % args.eval_every == 0)):
@@ -191,8 +202,9 @@ def main(argv=None):
     # 7. Save (done above at the last step) and show a few answers
     elapsed = time.time() - t0
     log(f"done: {end_step - start_step} steps in {elapsed:.1f}s, {skipped_steps} skipped; "
-        f"{pairs_seen / max(elapsed, 1e-9):.2f} pairs/s, {tokens_seen / max(elapsed, 1e-9):.0f} "
-        f"tokens/s" + devices.peak_gpu_memory(device)
+        f"{pairs_seen / max(elapsed, 1e-9):.2f} pairs/s, "
+        f"{tokens_seen / max(elapsed, 1e-9):.0f} tokens/s"
+        + devices.peak_gpu_memory(device)
         + ("" if args.no_save else f"; saved {ckpt_path}"))
     if is_main and args.samples:
         show_samples(raw_model, enc, args.samples, device, args.data, args.val_data, pairs=True)

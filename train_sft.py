@@ -25,7 +25,7 @@ import errors
 import flags
 import tokenizer
 import training
-from loss import response_logps
+from loss import read_step, response_logps
 from model import Transformer
 from sample import show_samples
 
@@ -69,10 +69,7 @@ def main(argv=None):
     every_rank = data.BatchOrder(train_lengths, args.batch_size, args.seed, 0, 1, 1,
                                  args.group_by_length)
     targets = [sum(mask[1:]) for _, mask in train_ds.items]  # assistant tokens predicted
-    if order.steps_per_epoch == 0:
-        raise errors.UserError(f"{args.data}: {len(train_ds)} conversations are fewer than one "
-                               f"global batch (--batch-size {args.batch_size})")
-    n_steps = training.total_steps(args, order.steps_per_epoch)
+    n_steps = flags.total_steps(args, order.steps_per_epoch, len(train_ds))
     log(f"{len(train_ds)} training conversations ({train_ds.truncated} cut to --max-len "
         f"{args.max_len}), {order.steps_per_epoch} steps per epoch, {n_steps} steps")
 
@@ -80,9 +77,11 @@ def main(argv=None):
     # 4. Model (and, with --resume, the weights of the last checkpoint)
     model = Transformer(flags.config_from_args(args, enc.n_vocab))
     model.to(device)
+    # --resume: the weights here, optimizer, scaler, RNG and step in section 5; exact, as
+    # step k's batches depend on k, the data and run_identity's flags only (data.BatchOrder)
     run = checkpoint.run_identity(args, flags.RUN_KEYS[STAGE], model.config)
-    resume = checkpoint.load_resume(ckpt_path, args.resume, model, tokenizer_id, run)
-    training.check_max_len(args.max_len, model.config)
+    resume = checkpoint.load_resume(ckpt_path, args.resume, model, tokenizer_id, run, log)
+    flags.check_max_len(args.max_len, model.config)
     log(f"model: {model.num_params():,} parameters, {model.config}")
     raw_model = model  # the unwrapped model: what we save and evaluate
     model = training.wrap_model(model, args.compile, dist_info)  # compile, DDP
@@ -90,16 +89,15 @@ def main(argv=None):
     # ------------------------------------------------------------------------
     # 5. Optimizer, learning-rate schedule, AMP scaler
     optimizer = training.configure_optimizer(raw_model, args.lr, args.weight_decay)
-    scaler = training.make_scaler(device, args.dtype)
+    # float16's GradScaler, off for bfloat16 and float32 (their range needs none)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
     start_step = checkpoint.restore_training_state(resume, optimizer, scaler, device)
-    if resume is not None:
-        log(f"resumed from {ckpt_path} at step {start_step}")
-    metrics_log = training.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
-                                      is_main, resume is not None, args)
+    metrics_log = checkpoint.MetricsLog(os.path.join(args.out_dir, STAGE, "metrics.jsonl"),
+                                        is_main, resume is not None, args)
 
     # ------------------------------------------------------------------------
     # 6. Training loop
-    end_step = training.last_step(args, start_step, n_steps)
+    end_step = flags.last_step(args, start_step, n_steps)
     skipped_steps, tokens_seen, t0 = 0, 0, time.time()
     bar = tqdm(range(start_step, end_step), initial=start_step, total=n_steps,
                disable=not is_main or args.quiet, desc=STAGE)
@@ -116,7 +114,7 @@ def main(argv=None):
             last = k == len(micro) - 1
             sync = nullcontext() if last or dist_info.world_size == 1 else model.no_sync()
             ids, mask = data.collate_sft([train_ds[i] for i in idx], train_ds.pad_id)
-            ids = data.to_device(ids, device)  # the mask stays on the host: response_logps
+            ids = devices.to_device(ids, device)  # the mask stays on the host: response_logps
             with sync:
                 with ctx:
                     logps, n_tokens = response_logps(model, ids, mask, args.chunked_head)
@@ -134,8 +132,8 @@ def main(argv=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
                                                    args.grad_clip or math.inf)  # 0-dim
         # the metrics averaged over ranks and the norm, in the step's one host sync
-        record, grad_norm = training.read_step(step_metrics, METRIC_NAMES, grad_norm,
-                                               dist_info.world_size)
+        record, grad_norm = read_step(step_metrics, METRIC_NAMES, grad_norm,
+                                      dist_info.world_size)
         if not math.isfinite(record["loss"]) and args.dtype != "float16":  # fp16: scaler skips
             raise errors.NonFiniteLoss(record["loss"], step, args.dtype)
         skipped = not math.isfinite(grad_norm)
@@ -183,7 +181,7 @@ def evaluate(model, dataset, args, ctx, dist_info):
     with torch.no_grad():
         for idx in training.eval_batches(len(dataset), args.batch_size, dist_info):
             ids, mask = data.collate_sft([dataset[i] for i in idx], dataset.pad_id)
-            ids = data.to_device(ids, dist_info.device)  # the mask stays on the host
+            ids = devices.to_device(ids, dist_info.device)  # the mask stays on the host
             with ctx:
                 logps, n_tokens = response_logps(model, ids, mask, args.chunked_head)
             totals[0] -= logps.sum().item()

@@ -1,14 +1,12 @@
-"""Set-up helpers that train_sft.py and train_dpo.py share: distributed set-up, the model
-wrapped for DDP and compile, AMP, the optimizer and its schedule, metrics logging. Nothing
-here runs inside a training step: the loops, and everything a step calls, are in the two
-scripts, loss.py, data.py and model.py. Flags are in flags.py; checkpoints, the resume
-state and DPO's policy and reference at step 0 in checkpoint.py.
+"""What both trainers share around their loops: the distributed set-up, the model wrapped
+for DDP and compile, autocast, held-out batches split over ranks, the optimizer and the
+lr schedule (lr_at, once a step). A step's own work, its AMP update and its metrics'
+all-reduce (loss.read_step) are in the two scripts, loss.py, data.py and model.py.
 
 Not run directly; see train_sft.py and train_dpo.py.
 """
 
 import inspect
-import json
 import math
 import os
 import random
@@ -20,7 +18,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import devices
-from errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # DDP's switch for the buffer sync before each forward: forward_sync_buffers from torch
@@ -80,23 +77,11 @@ def wrap_model(model, compile_model, dist_info):
     return model
 
 
-def check_max_len(max_len, config):
-    """--max-len must fit the model's context (else the first long batch would fail)."""
-    if max_len > config.max_seq_len:
-        raise UserError(f"--max-len {max_len} is longer than the model's context "
-                        f"(max_seq_len {config.max_seq_len})")
-
-
 def autocast(device, dtype_name):
     """torch.autocast for bfloat16/float16 on CPU or CUDA; nothing for float32."""
     if dtype_name == "float32":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype_name])
-
-
-def make_scaler(device, dtype_name):
-    """A GradScaler, enabled for float16 only (bfloat16 has float32's range)."""
-    return torch.amp.GradScaler(device.type, enabled=dtype_name == "float16")
 
 
 def eval_batches(n, batch_size, dist_info):
@@ -113,41 +98,6 @@ def all_reduce_sum(values, world_size, device):
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def read_step(step_metrics, names, grad_norm, world_size):
-    """The step's one read from the device (one host sync): the metrics (0-dim tensors
-    by name, in the order of names) averaged over ranks in one all_reduce, and the
-    gradient norm (0-dim, the same on every rank, so not averaged). Returns (record, a
-    dict of floats by name, and the gradient norm as a float)."""
-    values = torch.stack([step_metrics[n] for n in names])  # (M,) on device
-    if world_size > 1:
-        dist.all_reduce(values)  # summed over ranks: one collective
-    values = torch.cat([values / world_size, grad_norm.float()[None]])  # (M + 1,)
-    *values, grad_norm = values.tolist()  # the one sync (float16's scaler adds its own)
-    return dict(zip(names, values)), grad_norm
-
-
-class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl (rank 0 only); with
-    --wandb PROJECT the same records also go to Weights & Biases."""
-
-    def __init__(self, path, enabled, resume, args=None):
-        self.path, self.enabled, self.wandb_run = path, enabled, None
-        if enabled:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            if not resume and os.path.exists(path):
-                os.remove(path)
-        if enabled and args is not None and args.wandb:  # extras/wandb_log.py
-            from extras.wandb_log import start_run
-            self.wandb_run = start_run(args, path)
-
-    def write(self, record):
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.wandb_run is not None:
-                self.wandb_run.log(record, step=record["step"])
 
 
 # Optimizer and learning-rate schedule
@@ -179,15 +129,3 @@ def lr_at(step, total_steps, lr, warmup_steps, min_lr_ratio):
 def seed_everything(seed):
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def total_steps(args, steps_per_epoch):
-    """Optimizer steps for the run: --steps, or --epochs over the data."""
-    if args.steps is not None:
-        return args.steps
-    return max(1, int(args.epochs * steps_per_epoch))
-
-
-def last_step(args, start_step, n_steps):
-    """Where this run stops: the end of the schedule, or earlier with --stop-after."""
-    return n_steps if args.stop_after is None else min(n_steps, start_step + args.stop_after)

@@ -9,7 +9,7 @@ from dataclasses import astuple, dataclass
 
 import torch
 
-from data import to_device
+from devices import to_device
 from loss import head_logps, split_chosen_rejected
 
 

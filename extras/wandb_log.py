@@ -1,8 +1,8 @@
-"""--wandb PROJECT: the records training.MetricsLog writes to metrics.jsonl, sent to
+"""--wandb PROJECT: the records checkpoint.MetricsLog writes to metrics.jsonl, sent to
 Weights & Biases as well (pip install wandb; WANDB_MODE=offline keeps them on disk).
 Imported only when the flag is given, and used on rank 0 only, like metrics.jsonl.
 
-Not run directly; training.MetricsLog calls start_run.
+Not run directly; checkpoint.MetricsLog calls start_run.
 """
 
 import importlib

@@ -1,5 +1,6 @@
 """The Transformer: causality, KV-cache generation, RoPE, size, checkpoints, SFT loss."""
 
+import math
 import pickle
 
 import pytest
@@ -213,19 +214,23 @@ def test_the_output_head_runs_in_fp32_under_bf16_autocast(chunked):
     assert (bf16 - fp32).abs().max() < 1e-5, (bf16 - fp32).abs().max()
 
 
-def test_grouped_query_attention_without_the_kv_copy_equals_the_copy(monkeypatch):
-    """torch >= 2.5: SDPA's enable_gqa reads each K/V head for its query heads; older
-    torch copies K/V (repeat_interleave). The same logits, with and without a KV cache."""
-    import model as model_module
+def test_grouped_query_attention_equals_attention_written_out_with_kv_copied():
+    """SDPA's enable_gqa (no K/V copy) against GQA written out (Ainslie et al. 2023): each
+    K/V head copied for its H / Hkv query heads (query head h reads K/V head h // 3 here),
+    then softmax(q k^T / sqrt(D)) v under the causal mask."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=40, dim=48, n_layers=2, n_heads=6,
+    model = Transformer(ModelConfig(vocab_size=40, dim=48, n_layers=1, n_heads=6,
                                     n_kv_heads=2)).eval()
-    ids = torch.randint(0, 40, (2, 11))
+    attn, (B, T) = model.layers[0].attn, (2, 11)
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    qkv = attn.wqkv(torch.randn(B, T, 48))
     with torch.no_grad():
-        outputs = []
-        for gqa in (True, False):
-            monkeypatch.setattr(model_module, "GQA_IN_SDPA", gqa)
-            outputs.append((model(ids), generate(model, ids, 6, temperature=0)))
-    assert model_module.GQA_IN_SDPA is False  # the copy path ran last
-    assert (outputs[0][0] - outputs[1][0]).abs().max() < 1e-5
-    assert outputs[0][1] == outputs[1][1]
+        y = attn.attend(qkv, cos, sin)  # (B, T, C)
+        q, k, v = qkv.split([48, 16, 16], dim=-1)
+        q = apply_rope(q.view(B, T, 6, 8).transpose(1, 2), cos, sin)  # (B, 6, T, 8)
+        k = apply_rope(k.view(B, T, 2, 8).transpose(1, 2), cos, sin).repeat_interleave(3, 1)
+        v = v.view(B, T, 2, 8).transpose(1, 2).repeat_interleave(3, 1)  # (B, 6, T, 8)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(8)  # (B, 6, T, T)
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        expected = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, 48)
+    assert (y - expected).abs().max() < 1e-5

@@ -1,6 +1,7 @@
 """Both training scripts end to end: DDP equivalence, gradient accumulation, resume,
 AMP with GradScaler, the precomputed reference, and non-finite handling."""
 
+import functools
 import json
 import math
 import os
@@ -17,7 +18,6 @@ import data
 import errors
 import train_dpo
 import train_sft
-import training
 from conftest import ROOT, dpo_args, max_diff, sft_args, torchrun, weights
 from checkpoint import load_checkpoint
 from model import ModelConfig, Transformer
@@ -124,7 +124,7 @@ def test_precomputed_reference_equals_on_the_fly_and_frees_the_model(files, sft_
     common = ["--steps", "5", "--batch-size", "8"]
     train_dpo.main(dpo_args(files, tmp_path / "fly", sft_ckpt, *common))
     made, seen = [], []
-    real_deepcopy, real_reference_logps = checkpoint.copy.deepcopy, train_dpo.reference_logps
+    real_deepcopy, real_reference_logps = train_dpo.copy.deepcopy, train_dpo.reference_logps
 
     def deepcopy(model):
         ref = real_deepcopy(model)
@@ -135,7 +135,7 @@ def test_precomputed_reference_equals_on_the_fly_and_frees_the_model(files, sft_
         seen.append((reference is None, made[0]() is None))
         return real_reference_logps(reference, table, *args)
 
-    monkeypatch.setattr(checkpoint, "copy", types.SimpleNamespace(deepcopy=deepcopy))
+    monkeypatch.setattr(train_dpo, "copy", types.SimpleNamespace(deepcopy=deepcopy))
     monkeypatch.setattr(train_dpo, "reference_logps", reference_logps)
     train_dpo.main(dpo_args(files, tmp_path / "pre", sft_ckpt, *common, "--precompute-ref"))
     assert seen and all(none and freed for none, freed in seen)
@@ -184,8 +184,8 @@ def test_float16_dpo_runs_and_counts_skips(files, sft_ckpt, tmp_path, monkeypatc
     step overflows; the counter then rises by one on each skipped step and by none on a
     step taken (a later step may overflow again at the scale an earlier one passed)."""
     init = 2.0 ** 24
-    monkeypatch.setattr(training, "make_scaler", lambda device, dtype: torch.amp.GradScaler(
-        device.type, init_scale=init, enabled=dtype == "float16"))
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler,
+                                                                   init_scale=init))
     train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "12", "--batch-size", "4",
                             "--dtype", "float16", "--log-every", "1"))
     with open(tmp_path / "dpo/metrics.jsonl") as f:

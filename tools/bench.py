@@ -54,7 +54,7 @@ import checkpoint
 import data
 import devices
 import tokenizer
-import training
+import flags
 import train_dpo
 from errors import ArgumentParser, UserError, run_main
 
@@ -193,13 +193,13 @@ def naive_main(argv):
     enc = tokenizer.load_tokenizer(args.tokenizer)
     train_ds = data.PreferenceDataset(args.data, enc, args.max_len, args.max_prompt_len,
                                       args.skip_invalid, log=None)
-    model = checkpoint.policy_from_sft(args, enc.n_vocab, tokenizer.tokenizer_identity(
-        args.tokenizer))
+    model = checkpoint.dpo_model(args.sft_ckpt, tokenizer.tokenizer_identity(args.tokenizer),
+                                 flags.config_from_args(args, enc.n_vocab))
     model.to(device)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)  # MiniMind's: defaults
     order = torch.randperm(len(train_ds)).tolist()
-    metrics = training.MetricsLog(os.path.join(args.out_dir, "dpo", "metrics.jsonl"), True,
+    metrics = checkpoint.MetricsLog(os.path.join(args.out_dir, "dpo", "metrics.jsonl"), True,
                                   False) if args.log_every == 1 else None
     t0 = time.time()
     for step in range(args.steps):

@@ -3,6 +3,7 @@
 runs it on a borrowed GPU. CUDA's kernels are not bit-reproducible (atomics in SDPA's
 backward, index_add_), so equalities here hold within stated tolerances, not exactly."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -13,7 +14,6 @@ import torch
 import data
 import train_dpo
 import train_sft
-import training
 from conftest import ROOT, dpo_args, max_diff, sft_args, tiny_pairs, weights
 from checkpoint import load_checkpoint, model_from_checkpoint
 from loss import dpo_loss, dpo_objective, pair_logps, reference_logps
@@ -65,8 +65,8 @@ def test_sft_and_dpo_through_the_scripts(files, tmp_path, dtype):
 def test_float16_overflow_is_skipped_and_counted_by_the_cuda_scaler(files, sft_ckpt, tmp_path,
                                                                     monkeypatch):
     init = 2.0 ** 40  # overflows at once in float16
-    monkeypatch.setattr(training, "make_scaler", lambda device, dtype: torch.amp.GradScaler(
-        device.type, init_scale=init, enabled=dtype == "float16"))
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler,
+                                                                   init_scale=init))
     train_dpo.main(dpo_args(files, tmp_path, sft_ckpt, "--steps", "30", "--batch-size", "4",
                             "--dtype", "float16", "--log-every", "1", *GPU))
     log = records(tmp_path / "dpo/metrics.jsonl")
