@@ -130,7 +130,10 @@ SLOW_TESTS = {"test_sample_flags_reach_the_sampler",
               "test_fast_trainer_learns_the_naive_trainers_merges",
               "test_kv_cache_greedy_equals_full_reforward", "test_tasks_py_reproduces_shipped_data",
               "test_the_chunked_head_does_not_recompile_for_every_length",
-              "test_generate_stops_at_stop_id_and_batches_rows"}  # seconds each
+              "test_generate_stops_at_stop_id_and_batches_rows",
+              "test_the_split_check_passes_on_the_shipped_data",
+              "test_the_split_check_fails_on_a_planted_overlap",
+              "test_the_split_check_reads_on_policy_rounds"}  # seconds each
 
 
 def pytest_collection_modifyitems(config, items):
