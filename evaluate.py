@@ -11,8 +11,10 @@ For each checkpoint: mean judge score overall and per skill, mean answer length
 mode) and sampled (--samples per prompt at --temperature). For each checkpoint
 after the first: its win rate over the first (ties count half); for each: the KL
 from the reference, estimated on the policy's own samples as the mean of
-log pi(y|x) - log pi_ref(y|x), with its standard error (at --temperature 1 only:
-samples at another temperature do not come from pi).
+log pi(y|x) - log pi_ref(y|x), in nats per answer (at --temperature 1 only: samples at
+another temperature do not come from pi). Standard errors are by prompt. TinyChat's
+prompts come in two sets, seen content in new wordings and unseen content, each split dev
+/ test: --split test (the default) reports, --split dev is for choosing settings.
 """
 
 import json
@@ -27,7 +29,7 @@ import devices
 import formats
 import tasks
 import tokenizer
-from errors import ArgumentParser, run_main
+from errors import ArgumentParser, UserError, run_main
 from flags import PAPER_BETA, TINYCHAT_BETA, check_max_len, choose_beta, is_tinychat
 from loss import concatenated_logps, response_logps
 from sample import cut_note, eval_prompts, fit_for_generation, generate, load_model
@@ -86,20 +88,45 @@ def score_answers(enc, rows, answers, im_end):
 
 
 def summarize(rows, scored):
-    """Mean score overall and per skill, mean length, refusal rates."""
-    flat = [(row["meta"]["skill"], s, n) for row, ss in zip(rows, scored) for s, n in ss]
-    out = {"score": mean([s["score"] for _, s, _ in flat]),
-           "length": mean([n for _, _, n in flat]),
-           "polite": mean([s["polite"] for _, s, _ in flat])}
-    for skill in SKILLS:
-        out[f"score/{skill}"] = mean([s["score"] for k, s, _ in flat if k == skill])
-    out["refusal/harmful"] = mean([s["refused"] for k, s, _ in flat if k == "harmful"])
-    out["refusal/benign"] = mean([s["refused"] for k, s, _ in flat if k == "benign"])
+    """Mean judge score with its standard error by prompt (a prompt's samples are not
+    independent: each prompt's mean is one observation), per skill, mean length (tokens),
+    politeness (overall, and to rude users), refusal rates; the same for each evaluation
+    set the rows name ("seen": seen content in new wordings; "unseen": unseen content),
+    prefixed "seen/", "unseen/"."""
+    out = {}
+    for name in [None] + sorted({row.get("set") for row in rows} - {None}):
+        mine = [(row["meta"]["skill"], ss) for row, ss in zip(rows, scored)
+                if name is None or row.get("set") == name]
+        flat = [(k, s, n) for k, ss in mine for s, n in ss]
+        prefix = "" if name is None else f"{name}/"
+        per_prompt = [mean([s["score"] for s, _ in ss]) for _, ss in mine]
+        out[prefix + "score"] = mean([s["score"] for _, s, _ in flat])
+        out[prefix + "score_se"] = standard_error(per_prompt)
+        if name is None:
+            out["length"] = mean([n for _, _, n in flat])
+            out["polite"] = mean([s["polite"] for _, s, _ in flat])
+        for skill in SKILLS:
+            scores = [s["score"] for k, s, _ in flat if k == skill]
+            if scores:
+                out[f"{prefix}score/{skill}"] = mean(scores)
+        for skill in ("harmful", "benign"):
+            out[f"{prefix}refusal/{skill}"] = mean([s["refused"] for k, s, _ in flat
+                                                    if k == skill])
+        # to a rude user: polite answers, right or wrong (the score also needs them right)
+        out[f"{prefix}polite/tone"] = mean([s["polite"] for k, s, _ in flat if k == "tone"])
     return out
 
 
 def mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def standard_error(xs):
+    """The standard error of the mean of xs (sample standard deviation / sqrt(n))."""
+    if len(xs) < 2:
+        return float("nan")
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
 def win_rate(scored_a, scored_b):
@@ -124,11 +151,10 @@ def answer_logps(model, prompts, answers, device, batch_size=64):
 
 
 def kl_estimate(policy_logps, reference_logps):
-    """Mean and standard error of log pi(y|x) - log pi_ref(y|x) over the policy's samples."""
-    diffs = [p - r for ps, rs in zip(policy_logps, reference_logps) for p, r in zip(ps, rs)]
-    m = mean(diffs)
-    var = sum((d - m) ** 2 for d in diffs) / max(len(diffs) - 1, 1)
-    return m, math.sqrt(var / len(diffs))
+    """KL(pi || pi_ref) in nats per answer: the mean of log pi(y|x) - log pi_ref(y|x) over
+    the policy's samples, and its standard error by prompt."""
+    diffs = [[p - r for p, r in zip(ps, rs)] for ps, rs in zip(policy_logps, reference_logps)]
+    return mean([d for ds in diffs for d in ds]), standard_error([mean(ds) for ds in diffs])
 
 
 def pair_accuracy(model, reference, dataset, beta, device, batch_size=32):
@@ -225,11 +251,12 @@ def token_record(enc, example, record, group):
 
 def print_table(title, names, results, keys):
     print(f"\n{title}")
-    width = max(len(k) for k in keys) + 2
+    width = max(len(k) for k in keys) + 16
     print(" " * width + "".join(f"{os.path.basename(n):>14}" for n in names))
     for k in keys:
-        print(f"{k:<{width}}" + "".join(f"{results[n].get(k, float('nan')):>14.3f}"
-                                        for n in names))
+        label = k + " (nats/answer)" if k.endswith(("kl_vs_ref", "kl_stderr")) else k
+        print(f"{label:<{width}}" + "".join(f"{results[n].get(k, float('nan')):>14.3f}"
+                                            for n in names))
 
 
 def main():
@@ -240,6 +267,9 @@ def main():
                         help="reference for KL and pair accuracy (default: the first --ckpt)")
     parser.add_argument("--prompts", default=os.path.join(data.DATA_DIR, "eval_prompts.jsonl"),
                         help="held-out TinyChat prompts with their judge metadata")
+    parser.add_argument("--split", choices=("dev", "test", "all"), default="test",
+                        help="which half of TinyChat's evaluation prompts: dev (to choose "
+                        "settings on), test (to report), or all (a file without splits: all)")
     parser.add_argument("--limit", type=int, default=None,
                         help="use N evenly spaced prompts (all skills) for a quicker look")
     parser.add_argument("--samples", type=int, default=4,
@@ -297,7 +327,13 @@ def main():
                     "per token (sum: per answer)", args.ckpt, results,
                     sorted({k for r in results.values() for k in r}))
     else:
-        rows = eval_prompts(args.prompts)
+        every = eval_prompts(args.prompts)
+        rows = [r for r in every
+                if args.split == "all" or r.get("split", args.split) == args.split]
+        if not rows:
+            splits = ", ".join(sorted({str(r.get("split")) for r in every}))
+            raise UserError(f"{args.prompts}: no prompt of the {args.split} split (its rows: "
+                            f"{splits}); use --split {splits.split(', ')[0]} or --split all")
         if args.limit:
             rows = rows[::math.ceil(len(rows) / args.limit)]
         modes = [("greedy", 1, 0.0)]
@@ -324,6 +360,9 @@ def main():
                 continue
             for path, model in models.items():  # KL on the policy's own samples
                 prompts, answers = samples[path, mode]
+                if model is reference:  # the reference against itself: 0, no pass needed
+                    results[path][f"{mode}/kl_vs_ref"] = results[path][f"{mode}/kl_stderr"] = 0.0
+                    continue
                 kl, se = kl_estimate(answer_logps(model, prompts, answers, args.device),
                                      answer_logps(reference, prompts, answers, args.device))
                 results[path][f"{mode}/kl_vs_ref"] = kl
@@ -331,7 +370,7 @@ def main():
         for mode, _, _ in modes:
             keys = sorted({k for r in results.values() for k in r if k.startswith(mode + "/")},
                           key=lambda k: ("/win" in k or "/kl" in k, k))  # pair stats last
-            print_table(f"{mode} on {len(rows)} held-out prompts"
+            print_table(f"{mode} on {len(rows)} held-out prompts ({args.split} split)"
                         + (f", {args.samples} samples each" if mode != "greedy" else "")
                         + f"; KL reference: {ref_path}", args.ckpt, results, keys)
     if args.json:

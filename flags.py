@@ -17,8 +17,8 @@ from loss import LOSS_TYPES, REFERENCE_FREE_LOSSES, SMOOTHED_LOSSES
 from model import PRESETS, ModelConfig, Transformer, make_config
 from training import DTYPES
 
-# beta when --beta is not given: 2.0 was measured on TinyChat (docs/results.md); on other
-# data the paper's 0.1 (Rafailov et al. 2023 used 0.1-0.5; TRL's default is 0.1)
+# beta when --beta is not given: 2.0 was chosen on TinyChat's dev split (docs/results.md);
+# on other data the paper's 0.1 (Rafailov et al. 2023 used 0.1-0.5; TRL's default is 0.1)
 TINYCHAT_BETA, PAPER_BETA = 2.0, 0.1
 
 # The flags that define a run, by stage: --resume refuses to continue another
@@ -58,7 +58,7 @@ def parse_dpo_args(argv, description):
                         help="train_sft.py flags for that first SFT stage, e.g. '--steps 100'")
     parser.add_argument("--beta", type=float, default=None,
                         help=f"DPO beta: strength of the KL penalty to the reference (default: "
-                        f"{TINYCHAT_BETA} on TinyChat, measured there, see docs/results.md; "
+                        f"{TINYCHAT_BETA} on TinyChat, chosen on its dev split, docs/results.md; "
                         f"{PAPER_BETA}, the paper's, on any other data)")
     parser.add_argument("--loss", default="sigmoid", choices=LOSS_TYPES,
                         help="sigmoid is DPO (Eq. 7), ipo in loss.dpo_loss; the others are "
@@ -82,7 +82,7 @@ def parse_dpo_args(argv, description):
     losses.add_args(parser)  # the variants' own flags
     variant_state.add_args(parser)
     add_model_args(parser)
-    add_training_args(parser, dict(out_dir="out", epochs=1.0, batch_size=16, lr=5e-5,
+    add_training_args(parser, dict(out_dir="out", epochs=1.0, batch_size=16, lr=1e-4,
                                    warmup_steps=20, max_len=256, eval_every=100))
     args = parser.parse_args(argv)
     args.beta, args.beta_source = choose_beta(args.beta, is_tinychat(args.data))
@@ -150,7 +150,7 @@ def choose_beta(beta, on_tinychat):
     if beta is not None:
         return beta, "--beta"
     if on_tinychat:
-        return TINYCHAT_BETA, "the default measured on TinyChat; --beta to change"
+        return TINYCHAT_BETA, "the default chosen on TinyChat's dev split; --beta to change"
     return PAPER_BETA, "the DPO paper's, the default on data other than TinyChat; --beta to change"
 
 

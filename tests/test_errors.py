@@ -168,7 +168,7 @@ def test_beta_defaults_to_tinychats_on_tinychat_and_the_papers_elsewhere(files, 
     common = ["--steps", "1", "--batch-size", "4", "--val-data", "", "--sft-ckpt",
               str(sft_ckpt), *QUIET]
     train_dpo.main(["--data", tinychat, "--out-dir", str(tmp_path / "tc"), *common])
-    assert "beta 2.0 (the default measured on TinyChat" in capsys.readouterr().out
+    assert "beta 2.0 (the default chosen on TinyChat's dev split" in capsys.readouterr().out
     train_dpo.main(["--data", files["pairs_train"], "--out-dir", str(tmp_path / "own"), *common])
     assert "beta 0.1 (the DPO paper's, the default on data other" in capsys.readouterr().out
     train_dpo.main(["--data", files["pairs_train"], "--out-dir", str(tmp_path / "given"), *common,
@@ -179,7 +179,8 @@ def test_beta_defaults_to_tinychats_on_tinychat_and_the_papers_elsewhere(files, 
             "beta"] == beta
     # evaluate.py's pair metrics take the same default, and say which
     for pairs, said in ((os.path.join(ROOT, "data", "pairs_val.jsonl"), "beta 2.0 (the default "
-                         "measured on TinyChat"), (files["pairs_val"], "beta 0.1 (the DPO")):
+                         "chosen on TinyChat's dev split"),
+                        (files["pairs_val"], "beta 0.1 (the DPO")):
         result = run("evaluate.py", "--ckpt", sft_ckpt, "--pairs", pairs)
         assert result.returncode == 0 and said in result.stdout, result.stderr
 

@@ -86,7 +86,44 @@ def test_win_rate_counts_ties_as_half():
     a = [[s(1.0), s(0.0)], [s(0.5), s(0.8)]]
     b = [[s(1.0), s(1.0)], [s(0.0), s(0.8)]]
     assert evaluate.win_rate(a, b) == (0.5 + 1 + 0 + 0.5) / 4
-    assert evaluate.kl_estimate([[1.0, 3.0]], [[0.0, 0.0]]) == pytest.approx((2.0, 1.0))
+    # KL per answer: the mean over samples; its standard error by prompt (means 2 and 6)
+    assert evaluate.kl_estimate([[1.0, 3.0], [5.0, 7.0]], [[0.0, 0.0], [0.0, 0.0]]) == (
+        pytest.approx(4.0), pytest.approx(2.0))
+
+
+def test_scores_are_summarised_per_set_with_standard_errors_by_prompt():
+    """Two prompts of the seen set, one of the unseen: the means per set, and the standard
+    error of the mean score over prompts (each prompt's samples averaged first)."""
+    def s(score, refused=0.0):
+        return {"score": score, "polite": 1.0, "refused": refused}, 5
+
+    rows = [{"meta": {"skill": "harmful"}, "set": "seen"},
+            {"meta": {"skill": "arithmetic"}, "set": "seen"},
+            {"meta": {"skill": "harmful"}, "set": "unseen"}]
+    scored = [[s(1.0, 1.0), s(0.0)], [s(1.0), s(1.0)], [s(0.0), s(0.0)]]
+    out = evaluate.summarize(rows, scored)
+    assert out["score"] == pytest.approx(0.5) and out["seen/score"] == pytest.approx(0.75)
+    assert out["unseen/score"] == 0.0 and out["seen/score/arithmetic"] == 1.0
+    assert out["refusal/harmful"] == 0.25 and out["seen/refusal/harmful"] == 0.5
+    # prompt means 0.5, 1.0, 0.0: sd 0.5, over sqrt(3) prompts
+    assert out["score_se"] == pytest.approx(0.5 / 3 ** 0.5)
+    assert "unseen/score/arithmetic" not in out  # no such prompt
+
+
+def test_the_split_flag_picks_the_evaluation_half(checkpoints, tmp_path):
+    """--split dev and --split test judge disjoint halves of the shipped prompts."""
+    a, _ = checkpoints
+    asked = {}
+    for split in ("dev", "test"):
+        report = str(tmp_path / f"{split}.json")
+        stdout = run_evaluate("--ckpt", a, "--split", split, "--limit", "8", "--samples", "0",
+                              "--max-new-tokens", "2", "--json", report)
+        assert f"({split} split)" in stdout
+        with open(report) as f:
+            assert json.load(f)["args"]["split"] == split
+        rows = [r for r in evaluate.eval_prompts() if r["split"] == split]
+        asked[split] = {r["messages"][-1]["content"] for r in rows}
+    assert not asked["dev"] & asked["test"] and len(asked["dev"]) == len(asked["test"]) == 352
 
 
 def test_pair_file_report_measures_where_log_probs_moved(checkpoints, tmp_path, write_file):
