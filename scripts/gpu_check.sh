@@ -7,8 +7,9 @@
 # Python is $PYTHON, else python3, else python. Installs nothing when torch, numpy,
 # tiktoken, tqdm and pytest import (a borrowed box may have no network and its own torch).
 # A failing test does not stop it: the timing table is always printed, and the exit
-# status is the tests' at the end. Bounded: the tests by `timeout 240`, the timing by
-# 6 rows x --row-limit 40 s (each stopped once 6 s are timed): under 6 minutes in all.
+# status is the tests' at the end. Bounded: the tests by `timeout 180`, the timing by
+# `timeout 170` over 6 rows x --row-limit 28 s (each row stopped once 6 s are timed, about
+# 20 s with start-up): 350 s at most, under 6 minutes in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
@@ -26,9 +27,9 @@ if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     echo "gpu_check: no CUDA GPU here; nothing to test or time"
     exit 0
 fi
-timeout 240 "$PY" -m pytest tests/gpu -v -rs -p no:cacheprovider
+timeout 180 "$PY" -m pytest tests/gpu -v -rs -p no:cacheprovider
 tests=$?
-timeout 300 "$PY" -m tools.gpu_check --work-dir "$OUT" "$@"
+timeout 170 "$PY" -m tools.gpu_check --work-dir "$OUT" --row-limit 28 "$@"
 timing=$?
-echo "gpu_check: GPU tests exit $tests (0 = all passed; 124 = cut at 240 s), timing exit $timing"
+echo "gpu_check: GPU tests exit $tests (0 = all passed; 124 = cut at 180 s), timing exit $timing"
 [ "$tests" -eq 0 ] && [ "$timing" -eq 0 ]

@@ -375,12 +375,24 @@ def test_sample_flags_reach_the_sampler(tmp_path):
 
 
 def test_evaluate_on_your_own_prompt_file(sft_ckpt, tmp_path):
+    """A file of your own (no dev / test split in it): every prompt is judged. One whose
+    rows all name another split than --split asks is one line saying so."""
+    rows = [json.loads(line) for line in
+            open(os.path.join(ROOT, "data", "eval_prompts.jsonl"), encoding="utf-8")][:3]
     prompts = tmp_path / "prompts.jsonl"
-    with open(os.path.join(ROOT, "data", "eval_prompts.jsonl"), encoding="utf-8") as f:
-        prompts.write_text("".join(f.readlines()[:3]), encoding="utf-8")
+    prompts.write_text("".join(json.dumps({"messages": r["messages"], "meta": r["meta"]}) + "\n"
+                               for r in rows), encoding="utf-8")
     out = run_script("evaluate.py", "--ckpt", str(sft_ckpt), "--prompts", str(prompts),
                      "--samples", "0", "--max-new-tokens", "4")
     assert "greedy on 3 held-out prompts" in out
+    dev_only = tmp_path / "dev.jsonl"  # the shipped file's first rows: all of the dev split
+    dev_only.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = subprocess.run([*command("evaluate.py"), "--ckpt", str(sft_ckpt), "--prompts",
+                             str(dev_only), "--samples", "0"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr == (
+        f"error: {dev_only}: no prompt of the test split (its rows: dev); use --split dev or "
+        "--split all\n")
 
 
 def test_shape_flags_reach_the_model(files, tmp_path):
@@ -413,7 +425,7 @@ def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| sigmoid", "| rdpo", "| simpo"]
     assert "`--loss simpo --beta 2.5 --simpo-gamma 1.25`" in rows[3]
-    assert os.path.exists(tmp_path / "table.md")
+    assert os.path.exists(tmp_path / "table_dev.md")  # --split dev, the default
     assert os.listdir(tmp_path / "sigmoid/dpo")  # the reference cache and metrics
     for name, said in (("sigmoid", "computed"), ("rdpo", "loaded")):  # one cache, shared
         with open(tmp_path / name / "train.log", encoding="utf-8") as f:

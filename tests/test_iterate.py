@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import data
 import tasks
@@ -28,16 +29,16 @@ def test_pairing_rule_on_hand_made_scores():
     assert best_against_worst([0.0, 0.6], 0.6) == (1, 0)  # the gap itself is enough
 
 
-def test_round_prompts_never_ask_a_held_out_question():
-    held_out = iterate.held_out_texts()
-    eval_texts = tasks.user_texts(data_rows("eval_prompts.jsonl"))
-    assert eval_texts <= held_out
-    # without the exclusion the generators do ask held-out questions (the check can fail)
-    unguarded = tasks.make_prompts(3000, random.Random("x"), frozenset())
-    assert tasks.user_texts(unguarded) & held_out
+def test_round_prompts_are_from_the_training_pool():
+    """A round asks only training wordings and items: none of its questions (normalised)
+    is an evaluation or validation question, none of its items unseen."""
     rounds = [iterate.round_prompts(3000, 0, r) for r in (1, 2)]
+    held_out = set()
+    for name in ("eval_prompts.jsonl", "sft_val.jsonl", "pairs_val.jsonl"):
+        held_out |= tasks.source_summary(data_rows(name))[0]
     for rows in rounds:
-        assert not tasks.user_texts(rows) & held_out
+        questions, items = tasks.source_summary(rows)
+        assert not questions & held_out and not items & tasks.unseen_items()
         assert {r["meta"]["skill"] for r in rows} == set(tasks.SKILLS)
     assert rounds[0] != rounds[1]  # each round its own prompts
     assert iterate.round_prompts(50, 0, 1) == iterate.round_prompts(50, 0, 1)
@@ -69,7 +70,6 @@ def test_rounds_end_to_end_resume_and_same_seed(sft_ckpt, tmp_path, stand_in_jud
     out = tmp_path / "a"
     iterate.main(iterate_args(sft_ckpt, out, "--reference", "sft"))
     printed = capsys.readouterr().out
-    held_out = iterate.held_out_texts()
     for r in (1, 2):
         record = json.loads((out / f"round{r}" / "round.json").read_text())
         pairs_path = out / f"round{r}" / "pairs.jsonl"
@@ -77,7 +77,7 @@ def test_rounds_end_to_end_resume_and_same_seed(sft_ckpt, tmp_path, stand_in_jud
         assert record["pairs"] == len(pairs) >= 1
         assert record["pairs"] + record["tied"] == 6
         assert all(p["scores"][0] - p["scores"][1] >= 0.25 for p in pairs)
-        assert not tasks.user_texts(pairs, key="prompt") & held_out
+        assert record["warmup_steps"] == 1  # --steps 2: 10% of it, at least 1
         # train_dpo.py read the round's pair file and trained its 2 steps from the policy
         metrics = [json.loads(line) for line in
                    (out / f"round{r}" / "dpo" / "metrics.jsonl").read_text().splitlines()]
@@ -123,9 +123,41 @@ def test_rounds_end_to_end_resume_and_same_seed(sft_ckpt, tmp_path, stand_in_jud
 def test_other_settings_in_the_same_folder_are_refused(sft_ckpt, tmp_path, stand_in_judge):
     out = tmp_path / "a"
     iterate.main(iterate_args(sft_ckpt, out, "--rounds", "1", "--eval-samples", "0"))
-    with pytest.raises(ValueError, match="made with other settings"):
+    with pytest.raises(ValueError, match=r"made with other settings \(k\)"):
         iterate.main(iterate_args(sft_ckpt, out, "--rounds", "1", "--eval-samples", "0",
                                   "--k", "4"))
+    # a retrained SFT model at the same path: refused, not mixed with the old round
+    sft = tmp_path / "sft.pt"
+    sft.write_bytes(sft_ckpt.read_bytes())
+    iterate.main(iterate_args(sft, tmp_path / "b", "--rounds", "1", "--eval-samples", "0"))
+    ckpt = torch.load(sft, weights_only=True)
+    ckpt["model"]["norm.weight"] += 1
+    torch.save(ckpt, sft)
+    with pytest.raises(ValueError, match=r"other settings \(sft_sha256, start_sha256\)"):
+        iterate.main(iterate_args(sft, tmp_path / "b", "--rounds", "1", "--eval-samples", "0"))
+
+
+def test_a_round_is_judged_again_under_other_evaluation_settings(sft_ckpt, tmp_path,
+                                                                   stand_in_judge, capsys):
+    """Made with --eval-samples 0, then asked for an evaluation: the round is judged (no
+    KeyError); another --eval-limit: judged again, and the table's SFT row and round rows
+    come from the same prompts."""
+    out = tmp_path / "a"
+    iterate.main(iterate_args(sft_ckpt, out, "--rounds", "1", "--eval-samples", "0"))
+    record_path = out / "round1" / "round.json"
+    assert "eval" not in json.loads(record_path.read_text())
+    trained = os.path.getmtime(out / "round1" / "dpo.pt")
+    iterate.main(iterate_args(sft_ckpt, out, "--rounds", "1"))
+    record = json.loads(record_path.read_text())
+    assert record["eval_settings"]["eval_limit"] == 6 and "sampled T=1/score" in record["eval"]
+    capsys.readouterr()
+    iterate.main(iterate_args(sft_ckpt, out, "--rounds", "1", "--eval-limit", "12",
+                              "--eval-split", "test"))
+    assert "judged again" in capsys.readouterr().out
+    record = json.loads(record_path.read_text())
+    assert record["eval_settings"] == {"eval_samples": 1, "eval_limit": 12,
+                                       "eval_split": "test"}
+    assert os.path.getmtime(out / "round1" / "dpo.pt") == trained  # not trained again
 
 
 def run_script(*args):

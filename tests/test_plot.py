@@ -83,7 +83,7 @@ def test_sft_frontier_and_skills(tmp_path):
     fig = plot.frontier_figure([results])
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.texts] == ["SFT (reference)", "ipo", "robust"]
-    assert ax.get_xscale() == "symlog" and "nats" in ax.get_xlabel()
+    assert ax.get_xscale() == "symlog" and "nats per answer" in ax.get_xlabel()
     fig = plot.skills_figure(results)
     bars = fig.axes[0].patches
     assert len(bars) == 3 * len(plot.SKILLS)
@@ -95,6 +95,36 @@ def test_sft_frontier_and_skills(tmp_path):
                                  sft if name == "sft" else results, "--out", str(out)],
                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and out.stat().st_size > 5_000, result.stderr
+
+
+def by_content(base):
+    """Per-skill scores on seen and unseen content (unseen: no facts), base + offsets."""
+    r = {f"sampled T=1/seen/score/{s}": base + 0.01 * k for k, s in enumerate(plot.SKILLS)}
+    r.update({f"sampled T=1/unseen/score/{s}": base / 2 for s in plot.SKILLS if s != "facts"})
+    return r
+
+
+def test_generalisation_shows_seen_beside_unseen_content_over_seeds(tmp_path):
+    seeds = [report(tmp_path / f"seed{k}.json", {"sft.pt": by_content(0.2 + 0.1 * k),
+                                                 "dpo.pt": by_content(0.6 + 0.1 * k)})
+             for k in (0, 1)]
+    fig = plot.generalisation_figure(seeds, ["SFT", "DPO"])
+    seen, unseen = fig.axes[:2]
+    assert [t.get_text() for t in seen.get_xticklabels()] == list(plot.SKILLS)
+    assert "facts" not in [t.get_text() for t in unseen.get_xticklabels()]
+    heights = [round(b.get_height(), 6) for b in seen.patches]
+    assert heights[:6] == [round(0.25 + 0.01 * k, 6) for k in range(6)]  # SFT, mean of seeds
+    assert heights[6:] == [round(0.65 + 0.01 * k, 6) for k in range(6)]  # DPO
+    assert [round(b.get_height(), 6) for b in unseen.patches] == [0.125] * 5 + [0.325] * 5
+    out = tmp_path / "generalisation.png"
+    done = subprocess.run([sys.executable, "-m", "tools.plot", "generalisation", *seeds,
+                           "--labels", "SFT", "DPO", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and out.stat().st_size > 5_000, done.stderr
+    wrong = subprocess.run([sys.executable, "-m", "tools.plot", "generalisation", *seeds,
+                            "--labels", "SFT", "--out", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 1 and wrong.stderr.startswith("error: --labels names 1 model")
 
 
 def test_frontier_joins_the_on_policy_rounds(tmp_path):

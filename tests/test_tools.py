@@ -1,5 +1,6 @@
 """The tools run by hand, run the way a person runs them, on a small scale."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,36 @@ def test_the_mutation_check_kills_a_planted_sign_flip(tmp_path):
     assert "1 of 1 mutants killed" in result.stdout
     with open(os.path.join(tree, "loss.py"), encoding="utf-8") as f:  # the copy's copy only
         assert "losses = -F.logsigmoid(beta * h)  # Eq. 7" in f.read()
+
+
+def test_the_headline_is_one_command_over_seeds(tmp_path):
+    """`python -m tools.headline --seeds 2`: the card's command per seed in a folder of its
+    own (SFT first, then DPO), evaluate.py on the test split, the table with every seed's
+    value and the mean's 95% interval; run again, nothing is trained again."""
+    out = tmp_path / "headline"
+    small = "--steps 2 --batch-size 4 --val-data '' --samples 0"
+    cmd = [sys.executable, "-m", "tools.headline", "--seeds", "2", "--nproc", "1",
+           "--out-dir", str(out), "--samples", "1", "--limit", "6",
+           "--train-flags", f"{small} --sft-flags \"{small} --eval-every 0\""]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in
+            first.stdout.splitlines() if line.startswith("| ")}
+    assert rows["test split"] == ["seed 1337", "seed 1338", "mean ± 95% interval |"]
+    for name in ("gain (DPO - SFT)", "win rate over SFT", "harmful refused, DPO",
+                 "benign refused, DPO", "KL(DPO || SFT), nats per answer"):
+        assert "±" in rows[name][-1], name
+    for seed in (1337, 1338):
+        log = (out / f"seed{seed}" / "train.log").read_text()
+        assert "no SFT checkpoint" in log and f"--seed {seed}" in log  # the SFT stage first
+        assert (out / f"seed{seed}" / "dpo.pt").exists()
+    with open(out / "seed1337" / "eval_test.json", encoding="utf-8") as f:
+        assert json.load(f)["args"]["split"] == "test"
+    trained = os.path.getmtime(out / "seed1337" / "dpo.pt")
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "seed 1337: python train_dpo.py" not in again.stdout
+    assert "seed 1337: python train_dpo.py --seed 1337" in first.stdout
+    assert os.path.getmtime(out / "seed1337" / "dpo.pt") == trained
 
 
 def test_the_gpu_checks_timing_window_on_the_cpu(files, sft_ckpt, tmp_path):

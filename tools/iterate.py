@@ -1,13 +1,14 @@
 """On-policy DPO: sample the policy, judge its answers, pair best against worst, train DPO
 on those pairs, round after round; each round measured on the held-out prompts.
 
-    python -m tools.iterate                                # 6 rounds from out/sft.pt
+    python -m tools.iterate                                # 3 rounds from out/sft.pt
     python -m tools.iterate --start out/dpo.pt --out-dir out/offline_then_onpolicy
     python -m tools.iterate --rounds 4 --k 8 --prompts 1000 --reference sft
 
 Each round r:
-  1. N fresh TinyChat prompts from tasks.py's own generators, seeded by (--seed, r), none
-     asking a held-out question (neither an evaluation prompt nor a pairs_val.jsonl one);
+  1. N fresh TinyChat prompts from tasks.py's own generators, seeded by (--seed, r), from
+     its training pool: training wordings and items only, so no round asks what the
+     evaluation or validation prompts ask (`python tasks.py --check --rounds OUT` shows it);
   2. k answers to each from the current policy (temperature T, KV cache, batched);
   3. TinyChat's judge scores every answer; a prompt gives one pair, its best answer
      against its worst, when their scores differ by at least --min-gap (a prompt whose
@@ -15,15 +16,17 @@ Each round r:
   4. the pairs, as OUT/round{r}/pairs.jsonl, go to train_dpo.py --data (the same loop and
      loss as offline DPO) with --sft-ckpt = the current policy and as reference the
      previous round's policy (--reference previous, the default) or the SFT model
-     (--reference sft);
-  5. the new policy is judged on the held-out prompts as evaluate.py does (sampled, T 1,
-     seed 0): judge score, win rate and KL against the SFT model, answer length, skills.
+     (--reference sft); its warm-up is --warmup-share of the round's steps;
+  5. the new policy is judged on the evaluation prompts' --eval-split (dev by default:
+     rounds, k and lr are chosen there) as evaluate.py does (sampled, T 1, seed 0): judge
+     score, win rate and KL against the SFT model, answer length, skills.
 A finished round (OUT/round{r}/round.json) is not redone when the script runs again with
-the same settings. OUT/table.md and OUT/results.json (evaluate.py's JSON, for
-`python -m tools.plot frontier`) are written at the end.
+the same settings and the same SFT and start checkpoints (by sha256); other settings, or a
+retrained checkpoint at the same path, are refused. Other evaluation settings re-judge the
+round's policy (never a table of mixed settings). OUT/table.md and OUT/results.json
+(evaluate.py's JSON, for `python -m tools.plot frontier`) are written at the end.
 """
 
-import functools
 import json
 import os
 import random
@@ -36,20 +39,22 @@ import torch
 
 import data
 import devices
-import formats
+import flags
 import tasks
 import tokenizer
+from checkpoint import atomic_write, file_digest
 from errors import ArgumentParser, UserError, run_main
 from evaluate import answer_logps, judge_answers, kl_estimate, summarize, win_rate
-from flags import TINYCHAT_BETA
-from checkpoint import atomic_write
 from sample import eval_prompts, load_model
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLED = "sampled T=1"  # evaluate.py's name for its headline mode
-# The settings that define a round's numbers: a round.json made with others is not reused
+# The settings that define a round's model: a round.json made with others is refused
 ROUND_KEYS = ("start", "sft_ckpt", "prompts", "k", "temperature", "min_gap", "max_new_tokens",
-              "beta", "lr", "reference", "nproc", "train_flags", "seed")
+              "beta", "lr", "warmup_share", "reference", "nproc", "train_flags", "seed",
+              "sft_sha256", "start_sha256")
+# ... and those of its evaluation: with others, the round's policy is judged again
+EVAL_KEYS = ("eval_samples", "eval_limit", "eval_split")
 
 
 def best_against_worst(scores, min_gap):
@@ -97,18 +102,22 @@ def make_pairs(rows, texts, scored, min_gap):
     return pairs, ties
 
 
-@functools.cache  # the same shipped files every round: read them once
-def held_out_texts():
-    """The user messages no round may ask: the evaluation prompts' and the held-out pairs'."""
-    pairs_val = [r for r, _ in formats.read_records(os.path.join(data.DATA_DIR,
-                                                                   "pairs_val.jsonl"))]
-    return tasks.user_texts(eval_prompts()) | tasks.user_texts(pairs_val, key="prompt")
-
-
 def round_prompts(n, seed, r):
-    """Round r's N training prompts: tasks.py's generators with their own seed."""
-    return tasks.make_prompts(n, random.Random(f"tinychat-onpolicy-{seed}-{r}"),
-                              held_out_texts())
+    """Round r's N training prompts: tasks.py's generators (its training pool) with their
+    own seed."""
+    return tasks.make_prompts(n, random.Random(f"tinychat-onpolicy-{seed}-{r}"))
+
+
+def warmup_steps(n_pairs, train_flags, share):
+    """The warm-up of a round of n_pairs pairs: share of its optimizer steps (train_dpo.py's
+    count for these flags), at least 1.
+
+    >>> warmup_steps(400, "", 0.1), warmup_steps(400, "--epochs 2", 0.1)
+    (2, 5)
+    """
+    args = flags.parse_dpo_args(shlex.split(train_flags) + ["--sft-ckpt", ""], "")
+    steps = args.steps or max(1, int(args.epochs * (n_pairs // args.batch_size)))
+    return max(1, round(share * steps))
 
 
 def write_jsonl(path, rows):
@@ -128,13 +137,13 @@ def sample_round(policy_path, rows, r, args, enc, device):
     return texts, scored
 
 
-def train_round(pairs_path, policy_path, reference_path, out, args):
+def train_round(pairs_path, policy_path, reference_path, out, warmup, args):
     """train_dpo.py on the round's pairs (under torchrun with --nproc > 1)."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else [sys.executable])
     cmd = launcher + [os.path.join(HERE, "train_dpo.py"), "--data", pairs_path,
                       "--sft-ckpt", policy_path, "--out-dir", out, "--beta", str(args.beta),
-                      "--lr", str(args.lr),
+                      "--lr", str(args.lr), "--warmup-steps", str(warmup),
                       "--samples", "0", "--device", args.device,
                       "--tokenizer", args.tokenizer, *shlex.split(args.train_flags)]
     if reference_path != policy_path:
@@ -151,7 +160,7 @@ class HeldOut:
 
     def __init__(self, sft_path, args, enc, device):
         self.args, self.enc, self.device = args, enc, device
-        self.rows = eval_prompts()
+        self.rows = [r for r in eval_prompts() if r["split"] == args.eval_split]
         if args.eval_limit:
             self.rows = self.rows[::-(-len(self.rows) // args.eval_limit)]
         self.sft = load_model(sft_path, args.tokenizer, device)
@@ -181,14 +190,19 @@ def run_round(r, policy_path, args, enc, device, held_out):
     out = os.path.join(args.out_dir, f"round{r}")
     record_path = os.path.join(out, "round.json")
     settings = {k: getattr(args, k) for k in ROUND_KEYS}
+    eval_settings = {k: getattr(args, k) for k in EVAL_KEYS}
     if os.path.exists(record_path):
         with open(record_path, encoding="utf-8") as f:
             record = json.load(f)
-        if record["settings"] == settings:
-            print(f"round {r}: done already ({record_path})")
-            return record
-        raise UserError(f"{record_path} was made with other settings; use another --out-dir "
-                        "or remove it")
+        if record["settings"] != settings:
+            changed = sorted(k for k in settings if record["settings"].get(k) != settings[k])
+            raise UserError(f"{record_path} was made with other settings ({', '.join(changed)})"
+                            "; use another --out-dir or remove it")
+        print(f"round {r}: done already ({record_path})")
+        if held_out is not None and record.get("eval_settings") != eval_settings:
+            print(f"round {r}: judged again with the evaluation settings now asked for")
+            evaluate_round(record, record_path, eval_settings, held_out)
+        return record
     print(f"round {r}: policy {policy_path}", flush=True)
     t0 = time.time()
     rows = round_prompts(args.prompts, args.seed, r)
@@ -203,33 +217,44 @@ def run_round(r, policy_path, args, enc, device, held_out):
     print(f"round {r}: {len(pairs)} pairs from {len(rows)} prompts ({ties} all tied) in "
           f"{t_sample:.0f} s", flush=True)
     reference = args.sft_ckpt if args.reference == "sft" else policy_path
-    train_round(pairs_path, policy_path, reference, out, args)
+    warmup = warmup_steps(len(pairs), args.train_flags, args.warmup_share)
+    train_round(pairs_path, policy_path, reference, out, warmup, args)
     t_train = time.time() - t0 - t_sample
     record = {"round": r, "settings": settings, "policy_in": policy_path,
               "reference": reference, "ckpt": os.path.join(out, "dpo.pt"),
-              "pairs": len(pairs), "prompts": len(rows), "tied": ties,
+              "pairs": len(pairs), "prompts": len(rows), "tied": ties, "warmup_steps": warmup,
               "sample_score": sum(s["score"] for ss in scored for s, _ in ss)
               / sum(len(ss) for ss in scored),
               "sample_s": t_sample, "train_s": t_train}
     if held_out is not None:
-        t1 = time.time()
-        record["eval"] = held_out(record["ckpt"], f"round {r}")
-        record["eval_s"] = time.time() - t1
-    atomic_write(record_path, json.dumps(record, indent=1).encode("utf-8"))
+        evaluate_round(record, record_path, eval_settings, held_out)
+    else:
+        atomic_write(record_path, json.dumps(record, indent=1).encode("utf-8"))
     return record
+
+
+def evaluate_round(record, record_path, eval_settings, held_out):
+    """Judge a round's policy on the held-out prompts; the record, with its evaluation and
+    the settings of it, written again."""
+    t1 = time.time()
+    record["eval"] = held_out(record["ckpt"], f"round {record['round']}")
+    record["eval_s"], record["eval_settings"] = time.time() - t1, eval_settings
+    atomic_write(record_path, json.dumps(record, indent=1).encode("utf-8"))
 
 
 def table(records, sft, start):
     """The markdown table of the rounds (the SFT model, the start, then each round)."""
     m = SAMPLED + "/"
-    lines = ["| policy | pairs (tied prompts) | sampled judge | win vs SFT | KL from SFT, "
-             "nats | answer length | " + " | ".join(tasks.SKILLS) + " | round wall time |",
-             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(tasks.SKILLS) + "---:|"]
+    lines = ["| policy | pairs (tied prompts) | sampled judge | seen | unseen | win vs SFT | "
+             "KL from SFT, nats per answer | answer length | " + " | ".join(tasks.SKILLS)
+             + " | round wall time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tasks.SKILLS) + "---:|"]
 
     def row(name, pairs, e, wall):
         win = e.get(m + "win_rate_vs_first")
         kl = "" if win is None else f"{e[m + 'kl_vs_ref']:.2f} ± {e[m + 'kl_stderr']:.2f}"
-        return (f"| {name} | {pairs} | {e[m + 'score']:.3f} | "
+        seen, unseen = (e.get(f"{m}{k}/score", float("nan")) for k in ("seen", "unseen"))
+        return (f"| {name} | {pairs} | {e[m + 'score']:.3f} | {seen:.3f} | {unseen:.3f} | "
                 f"{'' if win is None else f'{win:.3f}'} | {kl} | "
                 f"{e[m + 'length']:.1f} | "
                 + " | ".join(f"{e[f'{m}score/{s}']:.3f}" for s in tasks.SKILLS)
@@ -252,7 +277,8 @@ def main(argv=None):
                         help="round 1's policy (default: the SFT model; e.g. out/dpo.pt to "
                         "continue offline DPO on-policy)")
     parser.add_argument("--out-dir", default="out/onpolicy", help="one folder per round")
-    parser.add_argument("--rounds", type=int, default=6, help="number of rounds")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="number of rounds (chosen on the dev split: docs/onpolicy.md)")
     parser.add_argument("--prompts", type=int, default=1500, help="N: new prompts a round")
     parser.add_argument("--k", type=int, default=4, help="answers sampled per prompt")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -260,10 +286,12 @@ def main(argv=None):
                         help="least judge-score gap between best and worst for a pair "
                         "(the judge's scores are 0, 0.6, 0.8 and 1.0)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer")
-    parser.add_argument("--beta", type=float, default=TINYCHAT_BETA, help="DPO beta")
-    parser.add_argument("--lr", type=float, default=1e-4,
-                        help="each round's peak learning rate (offline DPO's is 5e-5; a round "
-                        "has ~10x fewer steps, and 1e-4 did better, docs/onpolicy.md)")
+    parser.add_argument("--beta", type=float, default=flags.TINYCHAT_BETA, help="DPO beta")
+    parser.add_argument("--lr", type=float, default=2e-4,
+                        help="each round's peak learning rate (chosen on the dev split: "
+                        "docs/onpolicy.md)")
+    parser.add_argument("--warmup-share", type=float, default=0.1,
+                        help="each round's lr warm-up, as a share of its optimizer steps")
     parser.add_argument("--reference", choices=("previous", "sft"), default="previous",
                         help="each round's DPO reference: the policy the round starts from "
                         "(the model its pairs were sampled from, so each round is the DPO "
@@ -274,7 +302,11 @@ def main(argv=None):
     parser.add_argument("--eval-samples", type=int, default=4,
                         help="sampled answers per held-out prompt (0: no evaluation)")
     parser.add_argument("--eval-limit", type=int, default=None,
-                        help="evaluate on N evenly spaced held-out prompts (default: all 540)")
+                        help="evaluate on N evenly spaced held-out prompts (default: all of "
+                        "the split)")
+    parser.add_argument("--eval-split", choices=("dev", "test"), default="dev",
+                        help="the evaluation prompts' half each round is judged on: dev (to "
+                        "choose rounds, k and lr on) or test (to report)")
     parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER, help=".tiktoken file")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts and samples")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -290,6 +322,9 @@ def main(argv=None):
     for path in (args.sft_ckpt, args.start):
         if not os.path.exists(path):
             raise UserError(f"no checkpoint at {path}: run python train_sft.py first")
+    if not 0 <= args.warmup_share < 1:
+        parser.error("--warmup-share must be in [0, 1)")
+    args.sft_sha256, args.start_sha256 = file_digest(args.sft_ckpt), file_digest(args.start)
     device = devices.choose_device(args.device, False, 0, 1, torch.cuda.device_count())
     enc = tokenizer.load_tokenizer(args.tokenizer)
     held_out = (HeldOut(args.sft_ckpt, args, enc, device) if args.eval_samples else None)

@@ -4,12 +4,14 @@ trajectory), the per-skill judge scores and where the log-probs moved, token by 
 
     python -m tools.plot dpo out/beta2 out/beta01 --labels "beta 2" "beta 0.1" --out dpo.png
     python -m tools.plot sft out --out sft.png
-    python -m tools.plot frontier out/sweep/results.json [more.json] --out frontier.png
+    python -m tools.plot frontier out/sweep/results_test.json [more.json] --out frontier.png
     python -m tools.plot skills out/eval_default.json --out skills.png
     python -m tools.plot tokens out/eval_pairs.json --out tokens.png
+    python -m tools.plot generalisation out/headline/seed*/eval_test.json \
+        --labels SFT DPO "on-policy DPO" --out generalisation.png
 
 A run folder is a train_*.py --out-dir (it reads dpo/metrics.jsonl or sft/metrics.jsonl);
-the JSON files are evaluate.py's --json (sweep.py writes one as results.json). matplotlib
+the JSON files are evaluate.py's --json (sweep.py writes one as results_SPLIT.json). matplotlib
 is an optional extra (pip install matplotlib); nothing else in minidpo imports it. Each
 figure function returns the matplotlib Figure (the tests read its panels back).
 """
@@ -104,15 +106,20 @@ def sft_figure(run_dir):
     return fig
 
 
-def frontier_figure(results_paths):
+def frontier_figure(results_paths, labels=None):
     """Sampled judge score against KL from the reference (the first checkpoint of each
     report, SFT in sweep.py's; reports of the same reference may be merged), one point
-    per checkpoint: the DPO paper's Figure 2 with TinyChat's judge as the true reward."""
+    per checkpoint: the DPO paper's Figure 2 with TinyChat's judge as the true reward.
+    labels, if given, name the first report's checkpoints in order (else a run's folder
+    names it)."""
     plt = pyplot()
-    results, trajectories = {}, []
+    results, trajectories, splits = {}, [], set()
+    named = dict(zip(read_results(results_paths[0]), labels or []))
     for path in results_paths:
         report = read_report(path)
         results.update(report["results"])
+        args = report.get("args", {})  # evaluate.py's --split, tools/iterate.py's --eval-split
+        splits.add(args.get("split") or args.get("eval_split"))
         if "rounds" in report.get("args", {}):  # tools/iterate.py: its rounds, joined
             trajectories.append((path, list(report["results"].values())))
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -137,6 +144,7 @@ def frontier_figure(results_paths):
         name = os.path.basename(folder) if os.path.dirname(folder) else os.path.basename(path)
         if betas[path] is not None:
             name = f"β {betas[path]:g}"
+        name = named.get(path, name)
         kl = r.get(SAMPLED + "kl_vs_ref", 0.0)
         kls.append(kl)
         is_ref = kl == 0.0
@@ -152,12 +160,13 @@ def frontier_figure(results_paths):
                                   xytext=(5, 4), fontsize=8,
                                   color=color if betas[path] is not None else "black"))
     wide = max(kls, default=0.0) > 10  # KLs over orders of magnitude: a symlog axis
-    ax.set(title="Reward against KL: judge score vs KL(π ‖ π_ref)",
+    split = f", {splits.pop()} split" if len(splits) == 1 and None not in splits else ""
+    ax.set(title=f"Reward against KL: judge score vs KL(π ‖ π_ref){split}",
            xscale="symlog" if wide else "linear",
-           xlabel="KL from the reference on the policy's samples, nats"
+           xlabel="KL from the reference on the policy's samples, nats per answer"
            + (" (symlog)" if wide else ""), ylabel="mean judge score, sampled at T = 1")
     if trajectories or len(curve) > 1:
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     spread_labels(fig, ax, labels)
     return fig
@@ -221,6 +230,37 @@ def skills_figure(results_path):
     return fig
 
 
+def generalisation_figure(results_paths, labels):
+    """Per skill, the judge score on seen content (new wordings) beside unseen content, for
+    each model; the models are the checkpoints of each evaluate.py JSON in order (one JSON
+    a seed: the bar is the mean over seeds, the whisker its lowest and highest seed)."""
+    plt = pyplot()
+    runs = [list(read_results(p).values()) for p in results_paths]
+    if any(len(r) != len(labels) for r in runs):
+        raise UserError(f"--labels names {len(labels)} models; the files hold "
+                        f"{', '.join(str(len(r)) for r in runs)}")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    width = 0.8 / len(labels)
+    for ax, content in zip(axes, ("seen", "unseen")):
+        skills = [k for k in SKILLS if f"{SAMPLED}{content}/score/{k}" in runs[0][0]]
+        for m, label in enumerate(labels):
+            values = [[run[m][f"{SAMPLED}{content}/score/{k}"] for run in runs] for k in skills]
+            means = [sum(v) / len(v) for v in values]
+            spread = [[mu - min(v) for mu, v in zip(means, values)],
+                      [max(v) - mu for mu, v in zip(means, values)]]
+            ax.bar([k + m * width for k in range(len(skills))], means, width, yerr=spread,
+                   capsize=2, label=label)
+        ax.set_xticks([k + width * (len(labels) - 1) / 2 for k in range(len(skills))], skills)
+        ax.set(title=f"{content} content" + (" (new wordings)" if content == "seen" else
+                                              " (in no training file)"), ylim=(0, 1))
+    axes[0].set_ylabel("mean judge score (sampled, T = 1)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"Judge score by skill, test split, {len(runs)} seed(s): bars the mean, "
+                 "whiskers the lowest and highest seed")
+    fig.tight_layout()
+    return fig
+
+
 def tokens_figure(results_path, ckpt=None):
     """Per-token log π − log π_ref along a few held-out pairs (evaluate.py --pairs --json):
     one row per pair, chosen left and rejected right, the prefix they share shaded."""
@@ -272,13 +312,15 @@ def short_name(path, others):
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("figure", choices=["dpo", "sft", "frontier", "skills", "tokens"],
-                        help="which figure")
-    parser.add_argument("inputs", nargs="+", help="run folders (dpo, sft) or an evaluate.py "
-                        "--json file (frontier, skills, tokens)")
+    parser.add_argument("figure", choices=["dpo", "sft", "frontier", "skills", "tokens",
+                                           "generalisation"], help="which figure")
+    parser.add_argument("inputs", nargs="+", help="run folders (dpo, sft) or evaluate.py "
+                        "--json files (frontier, skills, tokens; generalisation: one a seed)")
     parser.add_argument("--ckpt", default=None,
                         help="tokens: whose shifts (default: the last checkpoint in the file)")
-    parser.add_argument("--labels", nargs="+", default=None, help="dpo: one per run folder")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="dpo: one per run folder; generalisation: one per checkpoint; "
+                        "frontier: one per checkpoint of the first file")
     parser.add_argument("--out", required=True, help="the .png (or .svg) to write")
     args = parser.parse_args(argv)
     if args.figure == "dpo":
@@ -287,9 +329,13 @@ def main(argv=None):
             parser.error("--labels needs one label per run folder")
         fig = dpo_figure(args.inputs, labels)
     elif args.figure == "frontier":
-        fig = frontier_figure(args.inputs)
+        fig = frontier_figure(args.inputs, args.labels)
     elif args.figure == "tokens":
         fig = tokens_figure(args.inputs[0], args.ckpt)
+    elif args.figure == "generalisation":
+        if not args.labels:
+            parser.error("generalisation needs --labels, one per checkpoint (e.g. SFT DPO)")
+        fig = generalisation_figure(args.inputs, args.labels)
     else:
         fig = {"sft": sft_figure, "skills": skills_figure}[args.figure](args.inputs[0])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

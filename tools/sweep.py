@@ -10,11 +10,15 @@ Each run is `train_dpo.py` under torchrun with the default settings plus the fla
 in the table (the data, schedule and SFT checkpoint are the same for all); runs that can
 share the reference's precomputed log-probs do (`--precompute-ref`, one cache copied from
 run to run). Then one `evaluate.py` call scores the SFT model once and every run against
-it. A finished run is not trained again (its folder holds dpo.pt and run.json) unless
---retrain; results go to OUT/table.md and OUT/results.json.
+it, on the dev split of the evaluation prompts by default (a sweep is where settings are
+chosen) or on --split test (to report the chosen ones). A finished run is not trained
+again (its folder holds dpo.pt and run.json) unless --retrain; results go to
+OUT/table_SPLIT.md and OUT/results_SPLIT.json.
 """
 
+import contextlib
 import glob
+import io
 import json
 import os
 import shlex
@@ -23,8 +27,9 @@ import subprocess
 import sys
 import time
 
-from errors import ArgumentParser, UserError, run_main
 from checkpoint import file_digest
+from errors import ArgumentParser, UserError, run_main
+from flags import parse_dpo_args
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
@@ -52,6 +57,10 @@ RUNS = [
     ("beta-0.5", ["--beta", "0.5"]),
     ("beta-1", ["--beta", "1"]),
     ("beta-5", ["--beta", "5"]),
+    # and of its peak learning rate (the default, 1e-4, is the "sigmoid" row)
+    ("lr-2.5e-5", ["--lr", "2.5e-5"]),
+    ("lr-5e-5", ["--lr", "5e-5"]),
+    ("lr-2e-4", ["--lr", "2e-4"]),
 ]
 NO_CACHE = ("simpo", "orpo", "trdpo")  # no reference, or a moving one
 
@@ -68,6 +77,18 @@ def run_logged(cmd, log_path):
         raise UserError(f"{log_path}: the run failed (exit {code}): {said}")
 
 
+def run_settings(flags, sft_ckpt):
+    """Every setting of a run, train_dpo.py's defaults included (a changed default retrains
+    the runs it touches); None for flags train_dpo.py refuses (its run then fails and its
+    log says why)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = parse_dpo_args(flags + ["--sft-ckpt", sft_ckpt], "")
+    except SystemExit:
+        return None
+    return {k: v for k, v in sorted(vars(args).items()) if k not in ("out_dir", "quiet")}
+
+
 def train(name, flags, args):
     """One train_dpo.py run in OUT/NAME; returns its run.json record."""
     out = os.path.join(args.out_dir, name)
@@ -76,11 +97,13 @@ def train(name, flags, args):
     if name not in NO_CACHE:
         flags.append("--precompute-ref")
     sft_sha256 = file_digest(args.sft_ckpt)
+    settings = run_settings(flags, args.sft_ckpt)
     if os.path.exists(record_path) and not args.retrain:
         with open(record_path, encoding="utf-8") as f:
             record = json.load(f)
-        # trained already, with these very flags from this very SFT model
-        if record["flags"] == flags and record.get("sft_sha256") == sft_sha256:
+        # trained already, with these very settings from this very SFT model
+        if (settings is not None and record.get("settings") == settings
+                and record.get("sft_sha256") == sft_sha256):
             return record
     if name not in NO_CACHE:  # train_dpo.py keys each cache by SFT model, data and flags:
         os.makedirs(os.path.join(out, "dpo"), exist_ok=True)  # it takes only a matching one
@@ -97,7 +120,7 @@ def train(name, flags, args):
     run_logged(cmd, os.path.join(out, "train.log"))
     with open(os.path.join(out, "dpo", "metrics.jsonl"), encoding="utf-8") as f:
         last = [json.loads(line) for line in f][-1]
-    record = {"name": name, "flags": flags, "sft_sha256": sft_sha256,
+    record = {"name": name, "flags": flags, "settings": settings, "sft_sha256": sft_sha256,
               "wall_s": time.time() - t0,
               "val_accuracy": last.get("val/rewards/accuracies")}
     with open(record_path, "w", encoding="utf-8") as f:
@@ -105,16 +128,17 @@ def train(name, flags, args):
     return record
 
 
-def table(runs, results, sft_path, samples, train_flags):
+def table(runs, results, sft_path, samples, train_flags, split):
     """The README table (markdown) from the run records and evaluate.py's results."""
     mode = "sampled T=1/"
     sft = results[sft_path]
-    lines = [f"SFT: sampled judge score {sft[mode + 'score']:.3f}, answer length "
-             f"{sft[mode + 'length']:.1f} tokens ({samples} samples per held-out prompt)"
+    lines = [f"{split} split. SFT: sampled judge score {sft[mode + 'score']:.3f} (seen content "
+             f"{sft[mode + 'seen/score']:.3f}, unseen {sft[mode + 'unseen/score']:.3f}), answer "
+             f"length {sft[mode + 'length']:.1f} tokens ({samples} samples per held-out prompt)"
              + (f"; every run also had `{train_flags}`" if train_flags else "") + ".", "",
-             "| run | flags | sampled judge | win vs SFT | KL(π‖π_ref), nats | answer length "
-             "| held-out pair acc. | wall time |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| run | flags | sampled judge | seen | unseen | win vs SFT | KL(π‖π_ref), nats "
+             "per answer | answer length | held-out pair acc. | wall time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         r = results[os.path.join(run["out"], "dpo.pt")]
         flags = " ".join(dict(RUNS)[run["name"]]) or "(defaults)"
@@ -122,6 +146,7 @@ def table(runs, results, sft_path, samples, train_flags):
         lines.append(
             f"| {run['name']} | `{flags}` | {r[mode + 'score']:.3f} "
             f"({r[mode + 'score'] - sft[mode + 'score']:+.3f}) | "
+            f"{r[mode + 'seen/score']:.3f} | {r[mode + 'unseen/score']:.3f} | "
             f"{r[mode + 'win_rate_vs_first']:.3f} | {r[mode + 'kl_vs_ref']:.2f} ± "
             f"{r[mode + 'kl_stderr']:.2f} | {r[mode + 'length']:.1f} | "
             f"{'n/a' if acc is None else f'{acc:.3f}'} | {run['wall_s']:.0f} s |")
@@ -137,8 +162,12 @@ def main():
     parser.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun)")
     parser.add_argument("--samples", type=int, default=4,
                         help="sampled answers per held-out prompt (evaluate.py)")
+    parser.add_argument("--split", choices=("dev", "test"), default="dev",
+                        help="the evaluation prompts' half to judge on: dev, to choose "
+                        "settings on (the default), or test, to report them")
     parser.add_argument("--limit", type=int, default=None,
-                        help="evaluate on N evenly spaced held-out prompts (default: all 540)")
+                        help="evaluate on N evenly spaced held-out prompts (default: all of "
+                        "the split)")
     parser.add_argument("--train-flags", default="",
                         help="extra train_dpo.py flags for every run, e.g. '--steps 50'")
     parser.add_argument("--retrain", action="store_true", help="train finished runs again")
@@ -164,9 +193,9 @@ def main():
         record = train(name, known[name], args)
         record["out"] = os.path.join(args.out_dir, name)
         runs.append(record)
-    results_path = os.path.join(args.out_dir, "results.json")
+    results_path = os.path.join(args.out_dir, f"results_{args.split}.json")
     cmd = [sys.executable, os.path.join(HERE, "evaluate.py"), "--ckpt", args.sft_ckpt,
-           "--samples", str(args.samples), "--json", results_path]
+           "--samples", str(args.samples), "--split", args.split, "--json", results_path]
     if args.limit:
         cmd += ["--limit", str(args.limit)]
     for run in runs:
@@ -175,11 +204,12 @@ def main():
     run_logged(cmd, os.path.join(args.out_dir, "evaluate.log"))
     with open(results_path, encoding="utf-8") as f:
         results = json.load(f)["results"]
-    text = table(runs, results, args.sft_ckpt, args.samples, args.train_flags)
-    with open(os.path.join(args.out_dir, "table.md"), "w", encoding="utf-8") as f:
+    text = table(runs, results, args.sft_ckpt, args.samples, args.train_flags, args.split)
+    table_path = os.path.join(args.out_dir, f"table_{args.split}.md")
+    with open(table_path, "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(text)
-    print(f"\nwrote {args.out_dir}/table.md and {results_path} in {time.time() - t0:.0f} s")
+    print(f"\nwrote {table_path} and {results_path} in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
