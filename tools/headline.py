@@ -18,13 +18,12 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
 
-from errors import ArgumentParser, UserError, run_main
+from errors import ArgumentParser, run_main
+from tools.sweep import run_logged
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SAMPLED, GREEDY = "sampled T=1/", "greedy/"
 FIRST_SEED = 1337  # train_sft.py's and train_dpo.py's default --seed
 # Student's t, 97.5th percentile, by degrees of freedom: a 95% interval of a mean
@@ -51,13 +50,7 @@ def run(cmd, log_path):
     """Run cmd (from the repository) with its output in log_path; its wall time in s. A
     failure is one line naming the log and the run's own error."""
     t0 = time.time()
-    with open(log_path, "w", encoding="utf-8") as log:
-        code = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            lines = [line.strip() for line in f if line.strip()] or ["(no output)"]
-        said = next((line for line in lines if line.startswith("error: ")), lines[-1])
-        raise UserError(f"{log_path}: failed (exit {code}): {said}")
+    run_logged(cmd, log_path)
     return time.time() - t0
 
 
