@@ -129,6 +129,18 @@ def standard_error(xs):
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
+def held_out_rows(path, split, limit=None):
+    """The evaluation prompts of one split (dev, test, or all; a file without splits counts
+    as any), every ceil(n / limit)-th of them with a limit; a UserError if none is left."""
+    every = eval_prompts(path)
+    rows = [r for r in every if split == "all" or r.get("split", split) == split]
+    if not rows:
+        splits = ", ".join(sorted({str(r.get("split")) for r in every}))
+        raise UserError(f"{path}: no prompt of the {split} split (its rows: {splits}); use "
+                        f"--split {splits.split(', ')[0]} or --split all")
+    return rows[::math.ceil(len(rows) / limit)] if limit else rows
+
+
 def win_rate(scored_a, scored_b):
     """How often b's answer scores higher than a's, sample by sample; ties count half."""
     wins = [1.0 if sb["score"] > sa["score"] else 0.5 if sb["score"] == sa["score"] else 0.0
@@ -327,15 +339,7 @@ def main():
                     "per token (sum: per answer)", args.ckpt, results,
                     sorted({k for r in results.values() for k in r}))
     else:
-        every = eval_prompts(args.prompts)
-        rows = [r for r in every
-                if args.split == "all" or r.get("split", args.split) == args.split]
-        if not rows:
-            splits = ", ".join(sorted({str(r.get("split")) for r in every}))
-            raise UserError(f"{args.prompts}: no prompt of the {args.split} split (its rows: "
-                            f"{splits}); use --split {splits.split(', ')[0]} or --split all")
-        if args.limit:
-            rows = rows[::math.ceil(len(rows) / args.limit)]
+        rows = held_out_rows(args.prompts, args.split, args.limit)
         modes = [("greedy", 1, 0.0)]
         if args.samples:
             modes.append((f"sampled T={args.temperature:g}", args.samples, args.temperature))

@@ -6,7 +6,6 @@ Run:  python sample.py --ckpt out/sft.pt --prompt "What is 7 + 5?"
       python sample.py --ckpt out/sft.pt --compare out/dpo.pt  (held-out prompts, both models)
 """
 
-import json
 import os
 
 import torch
@@ -146,8 +145,7 @@ def reply(model, enc, messages, max_new_tokens=96, temperature=0.0, top_k=None, 
 
 def eval_prompts(path=os.path.join(data.DATA_DIR, "eval_prompts.jsonl")):
     """Held-out TinyChat prompts: [{"messages": [...], "meta": {...}}]."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return tasks.read_jsonl(path)
 
 
 def one_per_skill(rows, n):

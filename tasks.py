@@ -428,7 +428,7 @@ def operand_key(op, a, b):
     return (op, min(a, b), max(a, b)) if op in "+*" else (op, a, b)
 
 
-def is_unseen_sum(op, a, b):
+def is_unseen_operands(op, a, b):
     return operand_key(op, a, b)[1:] in UNSEEN_OPERANDS[op]
 
 
@@ -445,7 +445,7 @@ def arithmetic_prompt(rng, pool="train"):
             a, b = rng.randint(0, 20), rng.randint(0, 20)
             if op == "-" and b > a:
                 a, b = b, a
-        if is_unseen_sum(op, a, b) == (pool == "unseen"):
+        if is_unseen_operands(op, a, b) == (pool == "unseen"):
             break
     answer = {"+": a + b, "-": a - b, "*": a * b}[op]
     text = rng.choice(wording(ARITH_TEMPLATES[op], pool)).format(a=a, b=b)
@@ -847,6 +847,8 @@ def generate(out_dir, seed=SEED, vocab_size=VOCAB_SIZE, verbose=True):
 # The split check: what each held-out file shares with each training source.
 
 POLITE = ("please", "thanks", "thank you")
+RUDE_OPENERS = [o.strip().lower() for o in RUDE_USERS + UNSEEN_RUDE_USERS]
+OPENERS = [o.strip().lower() for o in FOLLOW_UP_OPENERS if o.strip()] + RUDE_OPENERS
 
 
 def question_key(text):
@@ -857,12 +859,10 @@ def question_key(text):
         'help me cut a mango'
     """
     t = " ".join(text.lower().split())
-    openers = [o.strip().lower() for o in FOLLOW_UP_OPENERS + RUDE_USERS + UNSEEN_RUDE_USERS
-               if o.strip()]
     stripped = True
     while stripped:
         stripped = False
-        for o in openers:
+        for o in OPENERS:
             if t.startswith(o):
                 t, stripped = t[len(o):].lstrip(), True
     for word in POLITE:
@@ -881,17 +881,12 @@ def _item_patterns():
             pattern = pattern.replace(re.escape("{" + name + "}"), group)
         out.append((re.compile(pattern + "$"), kind))
 
-    for op, table in ARITH_TEMPLATES.items():
-        for t in table["train"] + table["new"]:
-            add(t, op)
-    for kind, table in [*FACT_TEMPLATES.items(), ("capital", CAPITAL_FOLLOW_UPS)]:
+    tables = [*ARITH_TEMPLATES.items(), *FACT_TEMPLATES.items(), ("capital", CAPITAL_FOLLOW_UPS),
+              *(("word", table) for table in WORD_TEMPLATES.values()),
+              ("request", REQUEST_TEMPLATES)]
+    for kind, table in tables:
         for t in table["train"] + table["new"]:
             add(t, kind)
-    for table in WORD_TEMPLATES.values():
-        for t in table["train"] + table["new"]:
-            add(t, "word")
-    for t in REQUEST_TEMPLATES["train"] + REQUEST_TEMPLATES["new"]:
-        add(t, "request")
     return out
 
 
@@ -906,8 +901,7 @@ def question_items(text):
         [('+', 5, 7), ('rude', 'ugh, you again.')]
     """
     low = " ".join(text.lower().split())
-    items = {("rude", o.strip().lower()) for o in RUDE_USERS + UNSEEN_RUDE_USERS
-             if o.strip().lower() in low}
+    items = {("rude", o) for o in RUDE_OPENERS if o in low}
     key = question_key(text)
     for pattern, kind in ITEM_PATTERNS:
         m = pattern.match(key)

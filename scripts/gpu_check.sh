@@ -8,8 +8,8 @@
 # tiktoken, tqdm and pytest import (a borrowed box may have no network and its own torch).
 # A failing test does not stop it: the timing table is always printed, and the exit
 # status is the tests' at the end. Bounded: the tests by `timeout 180`, the timing by
-# `timeout 170` over 6 rows x --row-limit 28 s (each row stopped once 6 s are timed, about
-# 20 s with start-up): 350 s at most, under 6 minutes in all.
+# `timeout 170` over 6 rows x 28 s (gpu_check.py's --row-limit; each row is stopped once
+# 6 s are timed, about 20 s with start-up): 350 s at most, under 6 minutes in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
@@ -29,7 +29,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
 fi
 timeout 180 "$PY" -m pytest tests/gpu -v -rs -p no:cacheprovider
 tests=$?
-timeout 170 "$PY" -m tools.gpu_check --work-dir "$OUT" --row-limit 28 "$@"
+timeout 170 "$PY" -m tools.gpu_check --work-dir "$OUT" "$@"
 timing=$?
 echo "gpu_check: GPU tests exit $tests (0 = all passed; 124 = cut at 180 s), timing exit $timing"
 [ "$tests" -eq 0 ] && [ "$timing" -eq 0 ]

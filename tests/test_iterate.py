@@ -4,7 +4,6 @@ pair file), resuming, the same pairs from the same seed, and its one-line errors
 
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -45,8 +44,7 @@ def test_round_prompts_are_from_the_training_pool():
 
 
 def data_rows(name):
-    with open(os.path.join(data.DATA_DIR, name), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return tasks.read_jsonl(os.path.join(data.DATA_DIR, name))
 
 
 @pytest.fixture

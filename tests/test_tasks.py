@@ -169,7 +169,7 @@ def test_the_split_check_reads_on_policy_rounds(tmp_path):
     rounds = tmp_path / "onpolicy"
     (rounds / "round1").mkdir(parents=True)
     a, b = next((a, b) for a in range(21) for b in range(a, 21)
-                if not tasks.is_unseen_sum("+", a, b))
+                if not tasks.is_unseen_operands("+", a, b))
     clean = {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
              "chosen": f"{a} + {b} = {a + b}.", "rejected": "No."}
     leak = {**clean, "prompt": [{"role": "user", "content": "Great. " + eval_question("seen")}]}

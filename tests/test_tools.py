@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def test_the_mutation_check_kills_a_planted_sign_flip(tmp_path):
         assert "losses = -F.logsigmoid(beta * h)  # Eq. 7" in f.read()
 
 
-def test_the_headline_is_one_command_over_seeds(tmp_path):
+def test_the_headline_is_one_command_over_seeds(tmp_path, monkeypatch):
     """`python -m tools.headline --seeds 2`: the card's command per seed in a folder of its
     own (SFT first, then DPO), evaluate.py on the test split, the table with every seed's
     value and the mean's 95% interval; run again, nothing is trained again."""
@@ -56,16 +57,43 @@ def test_the_headline_is_one_command_over_seeds(tmp_path):
     assert "seed 1337: python train_dpo.py --seed 1337" in first.stdout
     assert os.path.getmtime(out / "seed1337" / "dpo.pt") == trained
 
+    # --onpolicy, its --onpolicy-flags passed on to tools/iterate.py. A 2-step model's answers
+    # all score 0 under TinyChat's judge (no pair would form), so each seed's round is made
+    # here first with a judge that scores by length, from the command the script will run:
+    # the script's iterate.py finds it done (the same settings, --warmup-share included).
+    # One seed, to keep it short.
+    import tasks
+    from tools import iterate
+    monkeypatch.setattr(tasks, "judge", lambda meta, text: {
+        "score": (len(text) % 5) / 4, "correct": 1.0, "polite": 1.0, "concise": 1.0,
+        "refused": 0.0})
+    onpolicy = ["--rounds", "1", "--prompts", "6", "--k", "3", "--min-gap", "0.25",
+                "--max-new-tokens", "12", "--lr", "1e-3", "--warmup-share", "0.5",
+                "--train-flags", "--steps 4 --batch-size 1 --val-data '' --quiet"]
+    seed = out / "seed1337"
+    iterate.main(["--sft-ckpt", str(seed / "sft.pt"), "--out-dir", str(seed / "onpolicy"),
+                  "--seed", "1337", "--eval-samples", "0", "--nproc", "1", *onpolicy])
+    record = json.loads((seed / "onpolicy" / "round1" / "round.json").read_text())
+    assert record["warmup_steps"] == 2  # half of the round's 4 steps
+    one_seed = cmd[:]
+    one_seed[one_seed.index("--seeds") + 1] = "1"
+    third = subprocess.run(one_seed + ["--onpolicy", "--onpolicy-flags", shlex.join(onpolicy)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "round 1: done already" in (seed / "onpolicy.log").read_text()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in
+            third.stdout.splitlines() if line.startswith("| ")}
+    assert "on-policy judge score" in rows and "on-policy - offline (paired)" in rows
+
 
 def test_the_gpu_checks_timing_window_on_the_cpu(files, sft_ckpt, tmp_path):
     """tools/gpu_check.py times each row inside its process: the trainer's per-step
     records after the warm-up steps, the process stopped once the window holds
     --seconds. Here on the CPU, for train_dpo.py and the naive trainer."""
-    import argparse
-
     from conftest import dpo_args
     from tools import gpu_check
-    args = argparse.Namespace(warmup=2, seconds=1.5, row_limit=120, batch_size=4)
+    args = gpu_check.parse_args(["--warmup", "2", "--seconds", "1.5", "--row-limit", "120",
+                                 "--batch-size", "4"])
     for name, cmd in (("dpo", ["train_dpo.py"]), ("naive", ["-m", "tools.bench", "naive"])):
         out = tmp_path / name
         out.mkdir()

@@ -13,7 +13,6 @@ import weakref
 import pytest
 import torch
 
-import checkpoint
 import data
 import errors
 import train_dpo
@@ -26,6 +25,11 @@ from model import ModelConfig, Transformer
 def logged(out, stage):
     with open(os.path.join(out, stage, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+def distance(a, b):
+    """L2 distance between two state dicts, over all weights."""
+    return sum(((a[k] - b[k]) ** 2).sum().item() for k in a) ** 0.5
 
 
 def assert_same_run(runs, stage, clip):
@@ -278,10 +282,6 @@ def test_float16_sft_logs_the_unscaled_norm_and_follows_float32(files, tmp_path)
     assert [r["grad_norm"] for r in fp16] == pytest.approx([r["grad_norm"] for r in fp32],
                                                             rel=1e-3)
     ends = {name: weights(tmp_path / name / "sft.pt") for name in ("float32", "float16", "start")}
-
-    def distance(a, b):  # over all weights
-        return sum(((a[k] - b[k]) ** 2).sum().item() for k in a) ** 0.5
-
     assert distance(ends["float16"], ends["float32"]) < 0.1 * distance(ends["float32"],
                                                                         ends["start"])
 
@@ -296,9 +296,5 @@ def test_float16_training_follows_float32(files, sft_ckpt, tmp_path):
     fp32, fp16 = weights(tmp_path / "fp32/dpo.pt"), weights(tmp_path / "fp16/dpo.pt")
     assert load_checkpoint(str(tmp_path / "fp16/dpo.pt"))["train_state"]["scaler"]["scale"] > 0
     start = weights(sft_ckpt)
-
-    def distance(a, b):  # over all weights
-        return sum(((a[k] - b[k]) ** 2).sum().item() for k in a) ** 0.5
-
     # measured: 0.003 of the way; with the gradients clipped while still scaled, 0.63
     assert distance(fp16, fp32) < 0.1 * distance(fp32, start)

@@ -103,17 +103,22 @@ def time_row(cmd, out_dir, args):
     return window(records, args.warmup, args.batch_size), records[-1].get("peak_gpu_mib")
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per step")
     parser.add_argument("--warmup", type=int, default=10, help="steps left out before timing")
     parser.add_argument("--seconds", type=float, default=6.0,
                         help="training time each row's window holds")
-    parser.add_argument("--row-limit", type=float, default=40.0,
-                        help="a row's process is stopped after this many seconds anyway")
+    parser.add_argument("--row-limit", type=float, default=28.0,
+                        help="a row's process is stopped after this many seconds anyway (6 "
+                        "rows: under 3 minutes in all)")
     parser.add_argument("--work-dir", default=os.path.join("out", "gpu_check"),
                         help="synthetic data, the runs' output and each row's log.txt")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU here; nothing timed")
         return

@@ -15,14 +15,14 @@ table) and OUT/headline.json (every seed's numbers).
 """
 
 import json
-import math
 import os
 import shlex
 import sys
 import time
 
 from errors import ArgumentParser, run_main
-from tools.sweep import run_logged
+from evaluate import mean, standard_error
+from tools.sweep import launcher, run_logged
 
 SAMPLED, GREEDY = "sampled T=1/", "greedy/"
 FIRST_SEED = 1337  # train_sft.py's and train_dpo.py's default --seed
@@ -38,12 +38,10 @@ def interval(values):
     [0.25, 0.124]
     """
     n = len(values)
-    m = sum(values) / n
     if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+        return mean(values), float("nan")
     t = T975[max(k for k in T975 if k <= n - 1)]  # conservative between the table's rows
-    return m, t * sd / math.sqrt(n)
+    return mean(values), t * standard_error(values)
 
 
 def run(cmd, log_path):
@@ -68,11 +66,9 @@ def one_seed(seed, args):
     times and evaluate.py's results by model name."""
     out = os.path.join(args.out_dir, f"seed{seed}")
     os.makedirs(out, exist_ok=True)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else [sys.executable]
-    train_cmd = launcher + ["train_dpo.py", "--seed", str(seed), "--out-dir", out,
-                            *shlex.split(args.train_flags)]
-    settings = {"train": train_cmd[len(launcher):], "nproc": args.nproc}
+    script = ["train_dpo.py", "--seed", str(seed), "--out-dir", out,
+              *shlex.split(args.train_flags)]
+    settings = {"train": script, "nproc": args.nproc}
     record_path = os.path.join(out, "trained.json")
     record = done_before(record_path, settings)
     if record is None:
@@ -80,10 +76,10 @@ def one_seed(seed, args):
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
         shown = (["torchrun", "--standalone", f"--nproc_per_node={args.nproc}"]
-                 if args.nproc > 1 else ["python"]) + train_cmd[len(launcher):]
+                 if args.nproc > 1 else ["python"]) + script
         print(f"seed {seed}: {' '.join(shown)}", flush=True)
         record = {"settings": settings,
-                  "train_s": run(train_cmd, os.path.join(out, "train.log"))}
+                  "train_s": run(launcher(args.nproc) + script, os.path.join(out, "train.log"))}
         with open(record_path, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
     ckpts = {"sft": os.path.join(out, "sft.pt"), "dpo": os.path.join(out, "dpo.pt")}

@@ -32,7 +32,6 @@ import os
 import random
 import shlex
 import subprocess
-import sys
 import time
 
 import torch
@@ -44,8 +43,10 @@ import tasks
 import tokenizer
 from checkpoint import atomic_write, file_digest
 from errors import ArgumentParser, UserError, run_main
-from evaluate import answer_logps, judge_answers, kl_estimate, summarize, win_rate
-from sample import eval_prompts, load_model
+from evaluate import (answer_logps, held_out_rows, judge_answers, kl_estimate, summarize,
+                      win_rate)
+from sample import load_model
+from tools.sweep import launcher
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLED = "sampled T=1"  # evaluate.py's name for its headline mode
@@ -139,9 +140,7 @@ def sample_round(policy_path, rows, r, args, enc, device):
 
 def train_round(pairs_path, policy_path, reference_path, out, warmup, args):
     """train_dpo.py on the round's pairs (under torchrun with --nproc > 1)."""
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else [sys.executable])
-    cmd = launcher + [os.path.join(HERE, "train_dpo.py"), "--data", pairs_path,
+    cmd = launcher(args.nproc) + [os.path.join(HERE, "train_dpo.py"), "--data", pairs_path,
                       "--sft-ckpt", policy_path, "--out-dir", out, "--beta", str(args.beta),
                       "--lr", str(args.lr), "--warmup-steps", str(warmup),
                       "--samples", "0", "--device", args.device,
@@ -160,9 +159,8 @@ class HeldOut:
 
     def __init__(self, sft_path, args, enc, device):
         self.args, self.enc, self.device = args, enc, device
-        self.rows = [r for r in eval_prompts() if r["split"] == args.eval_split]
-        if args.eval_limit:
-            self.rows = self.rows[::-(-len(self.rows) // args.eval_limit)]
+        self.rows = held_out_rows(os.path.join(data.DATA_DIR, "eval_prompts.jsonl"),
+                                  args.eval_split, args.eval_limit)
         self.sft = load_model(sft_path, args.tokenizer, device)
         self.sft_prompts, _, self.sft_scored = self.judge(self.sft, "SFT")
 

@@ -59,6 +59,14 @@ def read_report(path):
     return report
 
 
+def split_of(reports):
+    """The evaluation split all the reports were judged on (evaluate.py's --split,
+    tools/iterate.py's --eval-split), or None when they differ or do not say."""
+    splits = {r.get("args", {}).get("split") or r.get("args", {}).get("eval_split")
+              for r in reports}
+    return splits.pop() if len(splits) == 1 and None not in splits else None
+
+
 def read_results(path):
     return read_report(path)["results"]
 
@@ -113,13 +121,11 @@ def frontier_figure(results_paths, labels=None):
     labels, if given, name the first report's checkpoints in order (else a run's folder
     names it)."""
     plt = pyplot()
-    results, trajectories, splits = {}, [], set()
+    results, trajectories = {}, []
     named = dict(zip(read_results(results_paths[0]), labels or []))
-    for path in results_paths:
-        report = read_report(path)
+    reports = [read_report(path) for path in results_paths]
+    for path, report in zip(results_paths, reports):
         results.update(report["results"])
-        args = report.get("args", {})  # evaluate.py's --split, tools/iterate.py's --eval-split
-        splits.add(args.get("split") or args.get("eval_split"))
         if "rounds" in report.get("args", {}):  # tools/iterate.py: its rounds, joined
             trajectories.append((path, list(report["results"].values())))
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -160,8 +166,9 @@ def frontier_figure(results_paths, labels=None):
                                   xytext=(5, 4), fontsize=8,
                                   color=color if betas[path] is not None else "black"))
     wide = max(kls, default=0.0) > 10  # KLs over orders of magnitude: a symlog axis
-    split = f", {splits.pop()} split" if len(splits) == 1 and None not in splits else ""
-    ax.set(title=f"Reward against KL: judge score vs KL(π ‖ π_ref){split}",
+    split = split_of(reports)
+    ax.set(title="Reward against KL: judge score vs KL(π ‖ π_ref)"
+           + (f", {split} split" if split else ""),
            xscale="symlog" if wide else "linear",
            xlabel="KL from the reference on the policy's samples, nats per answer"
            + (" (symlog)" if wide else ""), ylabel="mean judge score, sampled at T = 1")
@@ -235,7 +242,8 @@ def generalisation_figure(results_paths, labels):
     each model; the models are the checkpoints of each evaluate.py JSON in order (one JSON
     a seed: the bar is the mean over seeds, the whisker its lowest and highest seed)."""
     plt = pyplot()
-    runs = [list(read_results(p).values()) for p in results_paths]
+    reports = [read_report(p) for p in results_paths]
+    runs = [list(r["results"].values()) for r in reports]
     if any(len(r) != len(labels) for r in runs):
         raise UserError(f"--labels names {len(labels)} models; the files hold "
                         f"{', '.join(str(len(r)) for r in runs)}")
@@ -255,8 +263,9 @@ def generalisation_figure(results_paths, labels):
                                               " (in no training file)"), ylim=(0, 1))
     axes[0].set_ylabel("mean judge score (sampled, T = 1)")
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"Judge score by skill, test split, {len(runs)} seed(s): bars the mean, "
-                 "whiskers the lowest and highest seed")
+    split = split_of(reports)
+    fig.suptitle("Judge score by skill, " + (f"{split} split, " if split else "")
+                 + f"{len(runs)} seed(s): bars the mean, whiskers the lowest and highest seed")
     fig.tight_layout()
     return fig
 

@@ -65,6 +65,14 @@ RUNS = [
 NO_CACHE = ("simpo", "orpo", "trdpo")  # no reference, or a moving one
 
 
+def launcher(nproc):
+    """The command that starts a script in nproc processes: torchrun, or plain Python."""
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}"]
+    return [sys.executable]
+
+
 def run_logged(cmd, log_path):
     """Run cmd with its output in log_path; a failure names the log and what went wrong
     (the run's first `error:` line, else its last line)."""
@@ -110,9 +118,7 @@ def train(name, flags, args):
         for cache in glob.glob(os.path.join(args.out_dir, "*", "dpo", "ref_logps_*.pt")):
             if not os.path.exists(os.path.join(out, "dpo", os.path.basename(cache))):
                 shutil.copy(cache, os.path.join(out, "dpo"))
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else [sys.executable])
-    cmd = launcher + [os.path.join(HERE, "train_dpo.py"), "--sft-ckpt", args.sft_ckpt,
+    cmd = launcher(args.nproc) + [os.path.join(HERE, "train_dpo.py"), "--sft-ckpt", args.sft_ckpt,
                       "--out-dir", out, "--samples", "0", "--quiet", *flags]
     print(f"[{name}] {' '.join(flags)}", flush=True)
     t0 = time.time()
