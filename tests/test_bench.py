@@ -109,3 +109,25 @@ def test_minimind_row_needs_a_checkout():
     out = subprocess.run([sys.executable, "-m", "tools.bench", "--rows", "minimind"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 2 and "--minimind DIR" in out.stderr
+
+
+def test_profile_accounts_for_the_step_through_the_script(tmp_path):
+    """`python -m tools.profile`: train_dpo.py itself under the profiler, each kind of
+    work's share of the recorded steps, which add up to the whole step; the matmuls'
+    FLOPs and the bound from the machine's own rate at those shapes."""
+    result = tmp_path / "profile.json"
+    cmd = [sys.executable, "-m", "tools.profile", "--sets", "tinychat", "--rows", "packed-bf16",
+           "--warmup", "2", "--steps", "3", "--batch-size", "4", "--work-dir", str(tmp_path),
+           "--json", str(result), "--extra", *TINY]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert [line.split(" | ")[:2] for line in out.stdout.splitlines()
+            if line.startswith("| tinychat")] == [["| tinychat", "packed-bf16"]]
+    row = json.loads(result.read_text())["rows"][0]
+    shares = {kind: s / row["wall"] for kind, s in row["seconds"].items()}
+    assert 0.9 < sum(shares.values()) < 1.05, shares  # every op's own time, once
+    assert shares["matmul"] > 0 and shares["attention"] > 0 and shares["casts"] > 0
+    assert shares["optimizer"] > 0 and shares["data"] > 0
+    dtypes = {json.loads(d)[0] for name, s, d, *_ in row["matmuls"] if name == "aten::mm"}
+    assert "c10::BFloat16" in dtypes and "float" in dtypes  # the projections, the fp32 head
+    assert 0 < row["bound_seconds"] < row["wall"]
