@@ -261,7 +261,7 @@ class Transformer(nn.Module):
         self.aux_loss = sum(aux) if aux else x.new_zeros((), dtype=torch.float32)
         x = self.norm(x)  # (B, T, C)
         if head_at is not None:
-            x = x.reshape(-1, x.shape[-1])[head_at]  # (N, C): the positions the loss reads
+            x = x.reshape(-1, x.shape[-1]).index_select(0, head_at)  # (N, C): loss positions
         # the head in fp32 even under autocast: bf16 logits would round each log-prob by
         # ~1e-3 nats (tests/test_model.py), and DPO's beta scales the sum over an answer
         with torch.autocast(x.device.type, enabled=False):

@@ -50,9 +50,11 @@ class PackedPairs:
         x = model.dropout(model.tok_embeddings(self.ids))  # (N, C)
         for block in model.layers:
             attn = block.attn
-            qkv = attn.wqkv(block.attn_norm(x))[self.index]  # (N, .) -> (2B, T, .) rows
+            qkv = attn.wqkv(block.attn_norm(x))  # (N, .)
+            # -> (2B, T, .) rows (index_select: qkv[self.index]'s values, a faster backward)
+            qkv = qkv.index_select(0, self.index.view(-1)).view(*self.index.shape, -1)
             y = attn.attend(qkv, cos, sin)  # (2B, T, C)
-            y = y.reshape(-1, y.shape[-1])[self.back]  # (N, C): each token from one row
+            y = y.reshape(-1, y.shape[-1]).index_select(0, self.back)  # (N, C): one row each
             x = x + block.resid_dropout(attn.wo(y))
             x = x + block.ffn(block.ffn_norm(x))
         return model.finish(x, head_at, head)  # (M, V), or head's output

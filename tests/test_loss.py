@@ -314,3 +314,28 @@ def test_chunked_token_logps_matches_log_softmax_values_and_gradients(dtype):
     assert (chunked - plain).abs().max() < tol
     assert (hidden.grad - grads[0]).abs().max() <= rel * grads[0].abs().max()
     assert (weight.grad - grads[1]).abs().max() <= rel * grads[1].abs().max()
+
+
+def test_the_heads_gather_gives_indexings_values_and_gradients():
+    """model.finish gathers the loss's positions with index_select (its backward,
+    index_add_, is faster on CPU than x[head_at]'s index_put_; docs/performance.md): the
+    same logits and gradients as indexing, positions repeated or not."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=1, n_heads=4,
+                                    n_kv_heads=2, max_seq_len=64))
+    hidden = torch.randn(3, 10, 32)
+    head_at = torch.tensor([0, 4, 4, 9, 13, 29, 2, 29])
+    weight = torch.randn(8, 40)
+    results = []
+    for gather in (lambda h: model.finish(h, head_at),
+                   lambda h: model.output(model.norm(h).reshape(-1, 32)[head_at].float())):
+        h = hidden.clone().requires_grad_(True)
+        model.zero_grad()
+        logits = gather(h)
+        (logits * weight).sum().backward()
+        results.append((logits.detach(), h.grad, [p.grad.clone() for p in model.parameters()
+                                                  if p.grad is not None]))
+    (a, ha, wa), (b, hb, wb) = results
+    assert torch.equal(a, b) and len(wa) == len(wb) == 2  # the norm's gain, the head
+    assert (ha - hb).abs().max() < 1e-6
+    assert max((x - y).abs().max().item() for x, y in zip(wa, wb)) < 1e-6
