@@ -4,13 +4,22 @@ hidden states to it in place of the output head. The same numbers: tests/test_lo
 checks values and gradients against the plain path.
 """
 
+import functools
+
 import torch
 
 
-@torch.compiler.disable  # under --compile it runs eagerly: its Python loop over chunks
-def chunked_token_logps(hidden, weight, labels):  # would recompile for every new N
+def chunked_token_logps(hidden, weight, labels):
     """ChunkedTokenLogps.apply(hidden, weight, labels): log p(label) (N,), fp32."""
     return ChunkedTokenLogps.apply(hidden, weight, labels)
+
+
+@functools.cache
+def eager_chunked_token_logps():
+    """chunked_token_logps, run eagerly under --compile (its Python loop over chunks would
+    recompile for every new N). Made at first use, not as a decorator at import:
+    torch.compiler.disable imports torch._dynamo, a second of every script's start-up."""
+    return torch.compiler.disable(chunked_token_logps)
 
 
 class ChunkedTokenLogps(torch.autograd.Function):
@@ -65,4 +74,5 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
 def chunked_head_for(labels):
     """The head model.Transformer runs in place of its output layer: log p(label) (N,)."""
-    return lambda hidden, output: chunked_token_logps(hidden, output.weight, labels)
+    logps = eager_chunked_token_logps()  # the same function every step: no recompiles
+    return lambda hidden, output: logps(hidden, output.weight, labels)
