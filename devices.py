@@ -90,10 +90,22 @@ def cpu_has_bf16():
     return any(flag in words for flag in CPU_BF16_FLAGS)
 
 
-def warn_if_bf16_is_emulated(device, dtype_name, log):
-    """Say at start-up when --dtype bfloat16 will be slower than float32: on a CPU without
-    bf16 instructions, PyTorch emulates them."""
-    if device.type == "cpu" and dtype_name == "bfloat16" and cpu_has_bf16() is False:
+def auto_dtype(device_flag):
+    """--dtype auto: bfloat16 when the run is on a CPU that multiplies bf16 in hardware
+    (cpu_has_bf16), where autocast's bf16 matmuls make the step faster (docs/performance.md);
+    float32 anywhere else, a GPU included (float32 with TF32 there, as before)."""
+    on_cpu = device_flag == "cpu" or (device_flag == "auto" and not torch.cuda.is_available())
+    return "bfloat16" if on_cpu and cpu_has_bf16() else "float32"
+
+
+def announce_dtype(device, args, log):
+    """Say at start-up that --dtype auto took bfloat16, and warn when an explicit --dtype
+    bfloat16 will be slower than float32: on a CPU without bf16 instructions, PyTorch
+    emulates them."""
+    if args.dtype_auto and args.dtype == "bfloat16":
+        log("dtype bfloat16 (--dtype auto: this CPU multiplies bfloat16 in hardware; "
+            "--dtype float32 for full precision)")
+    if device.type == "cpu" and args.dtype == "bfloat16" and cpu_has_bf16() is False:
         log("warning: this CPU has no bfloat16 instructions (AVX512-BF16, AMX or Arm BF16): "
             "--dtype bfloat16 is emulated here and will be slower than float32")
 

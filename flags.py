@@ -10,6 +10,7 @@ import shlex
 from dataclasses import fields
 
 import data
+import devices
 import tokenizer
 from errors import ArgumentParser, UserError, run_main
 from extras import losses, variant_state
@@ -39,7 +40,7 @@ def parse_sft_args(argv, description):
     add_model_args(parser)
     add_training_args(parser, dict(out_dir="out", epochs=2.0, batch_size=32, lr=2e-3,
                                    warmup_steps=50, max_len=256, eval_every=200))
-    return parser.parse_args(argv)
+    return resolve_dtype(parser.parse_args(argv))
 
 
 def parse_dpo_args(argv, description):
@@ -84,7 +85,7 @@ def parse_dpo_args(argv, description):
     add_model_args(parser)
     add_training_args(parser, dict(out_dir="out", epochs=1.0, batch_size=16, lr=1e-4,
                                    warmup_steps=20, max_len=256, eval_every=100))
-    args = parser.parse_args(argv)
+    args = resolve_dtype(parser.parse_args(argv))
     args.beta, args.beta_source = choose_beta(args.beta, is_tinychat(args.data))
     # the SFT checkpoint: --sft-ckpt, or OUT_DIR/sft.pt, which train_dpo.py trains first
     # (sft_stage_argv) when it is missing
@@ -101,6 +102,15 @@ def parse_dpo_args(argv, description):
     if args.ref_ckpt and (args.reference_free or args.loss in REFERENCE_FREE_LOSSES):
         parser.error(f"--ref-ckpt names a reference, but --reference-free and --loss "
                      f"{'/'.join(REFERENCE_FREE_LOSSES)} use none")
+    return args
+
+
+def resolve_dtype(args):
+    """--dtype auto -> this machine's dtype (devices.auto_dtype); args.dtype_auto says it
+    was chosen so (checkpoints record the dtype the run used)."""
+    args.dtype_auto = args.dtype == "auto"
+    if args.dtype_auto:
+        args.dtype = devices.auto_dtype(args.device)
     return args
 
 
@@ -189,9 +199,11 @@ def add_training_args(parser, defaults):
     a("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices only")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     a("--max-len", type=int, default=defaults["max_len"], help="longest sequence in tokens")
-    a("--dtype", default="float32", choices=sorted(DTYPES),
-      help="autocast dtype; float16 also enables a GradScaler; float32 on CUDA "
-      "multiplies in TF32 (fp32 accumulation); the output head is fp32 in every dtype")
+    a("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+      help="autocast dtype; auto: bfloat16 on a CPU with bf16 instructions (AVX512-BF16, "
+      "AMX, Arm BF16; faster there), else float32; float16 also enables a GradScaler; "
+      "float32 on CUDA multiplies in TF32 (fp32 accumulation); the output head is fp32 "
+      "in every dtype")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--seed", type=int, default=1337, help="seed for initialisation and data order")
     a("--group-by-length", action=argparse.BooleanOptionalAction, default=True,

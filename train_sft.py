@@ -50,7 +50,7 @@ def main(argv=None):
     log = print if is_main else (lambda *a, **k: None)
     training.seed_everything(args.seed)
     ctx = training.autocast(device, args.dtype)
-    devices.warn_if_bf16_is_emulated(device, args.dtype, log)
+    devices.announce_dtype(device, args, log)
     devices.reset_peak_gpu_memory(device)  # this stage's peak, not an earlier one's
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
 

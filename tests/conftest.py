@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -43,11 +44,13 @@ def write_file(tmp_path):
 SHAPE = ["--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
          "--max-seq-len", "256"]
 QUIET = ["--quiet", "--samples", "0", "--seed", "3"]
-CPU = ["--device", "cpu"]  # these tests check CPU numbers (bit-equal resume, ...): on a GPU
-# box too; tests/gpu/ has the GPU's own
+# these tests check CPU numbers (bit-equal resume, ...): on a GPU box too (tests/gpu/ has
+# the GPU's own), and in float32 (--dtype auto takes bfloat16 on a CPU with bf16
+# instructions; the tests of bf16 ask for it)
+CPU = ["--device", "cpu", "--dtype", "float32"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def files(tmp_path_factory):
     """Small slices of the shipped TinyChat files."""
     d = tmp_path_factory.mktemp("data")
@@ -79,6 +82,15 @@ def dpo_args(files, out, sft_ckpt, *extra):
     return ["--data", files["pairs_train"], "--val-data", files["pairs_val"],
             "--out-dir", str(out), "--sft-ckpt", str(sft_ckpt), "--lr", "1e-3",
             "--warmup-steps", "2", *QUIET, *CPU, *extra]
+
+
+def run_concurrently(commands, timeout=300):
+    """Independent script runs, two at a time (most of a short run is Python's start-up, on
+    one core of this machine's two); their CompletedProcess results, in order."""
+    def one(cmd):
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(one, commands))
 
 
 def torchrun(script, args, timeout=300):
@@ -113,7 +125,7 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sft_ckpt(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
     train_sft.main(sft_args(files, out, "--steps", "12", "--batch-size", "16"))

@@ -13,16 +13,30 @@ import pytest
 
 import train_dpo
 import train_sft
-from conftest import QUIET, ROOT, SHAPE, command, max_diff, weights
+from conftest import QUIET, ROOT, SHAPE, command, max_diff, run_concurrently, weights
 from checkpoint import load_checkpoint
 from checkpoint import file_digest
 
 
-def run(script, *args, timeout=300, launcher=(sys.executable,)):
+def cmd_of(script, *args, launcher=(sys.executable,)):
     cmd = command(script) if launcher == (sys.executable,) else [*launcher,
                                                                   os.path.join(ROOT, script)]
-    return subprocess.run([*cmd, *map(str, args)],
+    return [*cmd, *map(str, args)]
+
+
+def run(script, *args, timeout=300, launcher=(sys.executable,)):
+    return subprocess.run(cmd_of(script, *args, launcher=launcher),
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def run_all(*cases):
+    """Independent runs of the scripts, two at a time (conftest.run_concurrently), each
+    case (cmd_of(...), what assert_one_line_error expects: words, and a code as the last
+    item if not 1)."""
+    results = run_concurrently([cmd for cmd, *_ in cases])
+    for (cmd, *expected), result in zip(cases, results):
+        code = expected.pop() if expected and isinstance(expected[-1], int) else 1
+        assert_one_line_error(result, *expected, code=code)
 
 
 def assert_one_line_error(result, *words, code=1):
@@ -48,46 +62,44 @@ def cut_ckpt(sft_ckpt, tmp_path):
 def test_training_scripts_end_a_user_error_in_one_line(files, sft_ckpt, bad_pairs, cut_ckpt,
                                                        write_file, tmp_path):
     bad_sft = write_file("bad_sft.jsonl", [{"messages": [{"role": "user", "content": 3}]}])
-    assert_one_line_error(run("train_sft.py", "--data", bad_sft, "--out-dir", tmp_path),
-                          f"{bad_sft}:1: ")
-    assert_one_line_error(run("train_dpo.py", "--data", bad_pairs, "--sft-ckpt", sft_ckpt,
-                              "--out-dir", tmp_path), f"{bad_pairs}:1: missing key 'rejected'")
-    assert_one_line_error(run("train_dpo.py", "--sft-ckpt", cut_ckpt, "--out-dir", tmp_path),
-                          f"{cut_ckpt}: the checkpoint is corrupt or cut short")
     missing = tmp_path / "missing.pt"  # an explicit --sft-ckpt is never trained for you
-    assert_one_line_error(run("train_dpo.py", "--sft-ckpt", missing, "--out-dir", tmp_path),
-                          f"no checkpoint at {missing}")
-    assert_one_line_error(run("train_dpo.py", "--data", files["pairs_train"], "--out-dir",
-                              tmp_path), "no SFT checkpoint at", "train_sft.py --data")
-    assert_one_line_error(run("train_dpo.py", "--loss", "ipo", "--label-smoothing", "0.1"),
-                          "--label-smoothing acts on", code=2)
-    assert_one_line_error(run("train_sft.py", "--dim", "100", "--n-heads", "7", "--data",
-                              files["sft_train"], "--out-dir", tmp_path),
-                          "dim (100) must divide by n_heads (7)")
-    assert_one_line_error(run("train_sft.py", "--max-seq-len", "64", "--max-len", "128",
-                              "--data", files["sft_train"], "--out-dir", tmp_path),
-                          "--max-len 128 is longer than the model's context (max_seq_len 64)")
+    run_all(
+        (cmd_of("train_sft.py", "--data", bad_sft, "--out-dir", tmp_path), f"{bad_sft}:1: "),
+        (cmd_of("train_dpo.py", "--data", bad_pairs, "--sft-ckpt", sft_ckpt, "--out-dir",
+                tmp_path), f"{bad_pairs}:1: missing key 'rejected'"),
+        (cmd_of("train_dpo.py", "--sft-ckpt", cut_ckpt, "--out-dir", tmp_path),
+         f"{cut_ckpt}: the checkpoint is corrupt or cut short"),
+        (cmd_of("train_dpo.py", "--sft-ckpt", missing, "--out-dir", tmp_path),
+         f"no checkpoint at {missing}"),
+        (cmd_of("train_dpo.py", "--data", files["pairs_train"], "--out-dir", tmp_path),
+         "no SFT checkpoint at", "train_sft.py --data"),
+        (cmd_of("train_dpo.py", "--loss", "ipo", "--label-smoothing", "0.1"),
+         "--label-smoothing acts on", 2),
+        (cmd_of("train_sft.py", "--dim", "100", "--n-heads", "7", "--data", files["sft_train"],
+                "--out-dir", tmp_path), "dim (100) must divide by n_heads (7)"),
+        (cmd_of("train_sft.py", "--max-seq-len", "64", "--max-len", "128", "--data",
+                files["sft_train"], "--out-dir", tmp_path),
+         "--max-len 128 is longer than the model's context (max_seq_len 64)"))
 
 
 def test_tools_end_a_user_error_in_one_line(files, sft_ckpt, cut_ckpt, write_file, tmp_path):
-    assert_one_line_error(run("sample.py", "--ckpt", cut_ckpt, "--prompt", "hi"),
-                          f"{cut_ckpt}: the checkpoint is corrupt")
-    assert_one_line_error(run("evaluate.py", "--ckpt", sft_ckpt, "--ckpt", cut_ckpt, "--limit",
-                              "1"), f"{cut_ckpt}: the checkpoint is corrupt")
     with open(os.path.join(ROOT, "data", "tokenizer.tiktoken"), encoding="utf-8") as f:
         other = write_file("other.tiktoken", "".join(f.readlines()[:300]))  # a smaller BPE
-    assert_one_line_error(run("sample.py", "--ckpt", sft_ckpt, "--tokenizer", other,
-                              "--prompt", "hi"), "trained with a different tokenizer")
     not_minimind = write_file("x.pth", b"not a torch file")
-    assert_one_line_error(run("tools/convert.py", "--from-minimind", not_minimind,
-                              "--tokenizer-dir", tmp_path, "--out", tmp_path / "x.pt"),
-                          f"{not_minimind}: ")
-    assert_one_line_error(run("tokenizer.py", "--files", tmp_path / "nothing.txt", "--out",
-                              tmp_path / "t.tiktoken"), "nothing.txt: no such file")
-    assert_one_line_error(run("tools/sweep.py", "--runs", "sigmoid", "--sft-ckpt",
-                              tmp_path / "no.pt", "--out-dir", tmp_path / "sweep"),
-                          "no SFT checkpoint at")
-    assert_one_line_error(run("tools/sweep.py", "--runs", "nonsense"), "unknown runs", code=2)
+    run_all(
+        (cmd_of("sample.py", "--ckpt", cut_ckpt, "--prompt", "hi"),
+         f"{cut_ckpt}: the checkpoint is corrupt"),
+        (cmd_of("evaluate.py", "--ckpt", sft_ckpt, "--ckpt", cut_ckpt, "--limit", "1"),
+         f"{cut_ckpt}: the checkpoint is corrupt"),
+        (cmd_of("sample.py", "--ckpt", sft_ckpt, "--tokenizer", other, "--prompt", "hi"),
+         "trained with a different tokenizer"),
+        (cmd_of("tools/convert.py", "--from-minimind", not_minimind, "--tokenizer-dir",
+                tmp_path, "--out", tmp_path / "x.pt"), f"{not_minimind}: "),
+        (cmd_of("tokenizer.py", "--files", tmp_path / "nothing.txt", "--out",
+                tmp_path / "t.tiktoken"), "nothing.txt: no such file"),
+        (cmd_of("tools/sweep.py", "--runs", "sigmoid", "--sft-ckpt", tmp_path / "no.pt",
+                "--out-dir", tmp_path / "sweep"), "no SFT checkpoint at"),
+        (cmd_of("tools/sweep.py", "--runs", "nonsense"), "unknown runs", 2))
 
 
 def test_sweep_names_the_log_of_a_failed_run(sft_ckpt, tmp_path):
@@ -188,7 +200,10 @@ def test_beta_defaults_to_tinychats_on_tinychat_and_the_papers_elsewhere(files, 
 def test_the_main_job_is_one_command_on_a_fresh_clone(tmp_path):
     """torchrun train_dpo.py with no SFT checkpoint: the SFT stage first (the same code as
     train_sft.py, under torchrun), then DPO from it."""
-    sft_flags = " ".join(["--steps", "3", "--batch-size", "8", "--samples", "0", *SHAPE])
+    # float32: the stage is compared with python train_sft.py to 1e-5 below (--dtype auto
+    # would take bf16 on a CPU with bf16 instructions, whose rounding differs by launcher)
+    sft_flags = " ".join(["--steps", "3", "--batch-size", "8", "--samples", "0", "--dtype",
+                          "float32", *SHAPE])
     result = run("train_dpo.py", "--out-dir", tmp_path, "--steps", "2", "--batch-size", "4",
                  "--val-data", "", "--samples", "0", "--quiet", "--sft-flags", sft_flags,
                  launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",

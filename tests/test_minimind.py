@@ -16,7 +16,7 @@ import data
 import tokenizer
 import train_dpo
 import train_sft
-from conftest import QUIET, ROOT, SHAPE, max_diff, sft_args, torchrun, weights
+from conftest import CPU, QUIET, ROOT, SHAPE, max_diff, sft_args, torchrun, weights
 from checkpoint import load_checkpoint, model_from_checkpoint
 from extras.moe import MoEFeedForward
 from model import ModelConfig, Transformer, make_config
@@ -195,7 +195,7 @@ def test_dpo_on_a_converted_minimind_model_two_ranks_equal_one(converted, tmp_pa
     args = ["--data", pairs, "--val-data", "", "--sft-ckpt", str(converted / "dense.pt"),
             "--tokenizer", str(converted / "minimind.tiktoken"), "--steps", "3",
             "--lr", "1e-4", "--warmup-steps", "1", "--sft-alpha", "0", "--batch-size", "4",
-            *QUIET]
+            *QUIET, *CPU]  # float32: 2 ranks against 1 to 1e-5
     train_dpo.main(args + ["--out-dir", str(tmp_path / "one")])
     torchrun("train_dpo.py", args + ["--out-dir", str(tmp_path / "two")])  # 2 pairs a rank
     one, two = weights(tmp_path / "one/dpo.pt"), weights(tmp_path / "two/dpo.pt")

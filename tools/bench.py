@@ -70,7 +70,10 @@ ROWS = {  # name: flags of train_dpo.py (None: another trainer)
     "bf16": ["--dtype", "bfloat16"],
     "packed-bf16": ["--packed", "--dtype", "bfloat16"],
 }
-TIMING = ["--sft-ckpt", "", "--val-data", "", "--no-save", "--samples", "0", "--quiet"]
+# float32 unless the row says bf16 (--dtype auto would take bf16 on a CPU with bf16
+# instructions)
+TIMING = ["--sft-ckpt", "", "--val-data", "", "--no-save", "--samples", "0", "--quiet",
+          "--dtype", "float32"]
 SHAPE = ["--dim", "256", "--n-layers", "4", "--n-heads", "8", "--n-kv-heads", "4",
          "--ffn-dim", "832"]
 # MiniMind's trainer at SHAPE: MiniMindConfig's defaults give the heads (8/4), the FFN
