@@ -105,7 +105,7 @@ def announce_dtype(device, args, log):
     if args.dtype_auto and args.dtype == "bfloat16":
         log("dtype bfloat16 (--dtype auto: this CPU multiplies bfloat16 in hardware; "
             "--dtype float32 for full precision)")
-    if device.type == "cpu" and args.dtype == "bfloat16" and cpu_has_bf16() is False:
+    elif device.type == "cpu" and args.dtype == "bfloat16" and cpu_has_bf16() is False:
         log("warning: this CPU has no bfloat16 instructions (AVX512-BF16, AMX or Arm BF16): "
             "--dtype bfloat16 is emulated here and will be slower than float32")
 

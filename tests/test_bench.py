@@ -131,3 +131,17 @@ def test_profile_accounts_for_the_step_through_the_script(tmp_path):
     dtypes = {json.loads(d)[0] for name, s, d, *_ in row["matmuls"] if name == "aten::mm"}
     assert "c10::BFloat16" in dtypes and "float" in dtypes  # the projections, the fp32 head
     assert 0 < row["bound_seconds"] < row["wall"]
+
+
+def test_profile_script_sft_times_train_sft_py(tmp_path):
+    """`--script sft`: train_sft.py itself under the profiler (TinyChat's SFT data), its
+    rows per conversation; no collective in one process."""
+    cmd = [sys.executable, "-m", "tools.profile", "--sets", "tinychat", "--script", "sft",
+           "--rows", "default", "--warmup", "1", "--steps", "2", "--batch-size", "4",
+           "--work-dir", str(tmp_path), "--json", str(tmp_path / "p.json"), "--extra", *SHAPE]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "bound conversations/s" in out.stdout and "sft, 1 process(es)" in out.stdout
+    row = json.loads((tmp_path / "p.json").read_text())["rows"][0]
+    assert row["seconds"]["matmul"] > 0 and row["seconds"]["data"] > 0
+    assert row["seconds"]["all-reduce"] == 0 and row["steps"] == 2

@@ -157,10 +157,11 @@ def profile_one(argv):
             calls, flops, spent = matmuls.get(key, (0, 0, 0.0))
             matmuls[key] = (calls + 1, flops + e.flops, spent + s)
     with open(out_path, "w") as f:
-        json.dump({"wall": wall, "steps": steps, "seconds": seconds,
+        json.dump({"matmuls": [[*k, *v] for k, v in matmuls.items()]} if mode == "flops" else
+                  {"wall": wall, "steps": steps, "seconds": seconds,
                    "threads": torch.get_num_threads(),
-                   "top_elementwise": sorted(top_elementwise.items(), key=lambda kv: -kv[1])[:6],
-                   "matmuls": [[*k, *v] for k, v in matmuls.items()]}, f)
+                   "top_elementwise": sorted(top_elementwise.items(), key=lambda kv: -kv[1])[:6]},
+                  f)
 
 # ----------------------------------------------------------------------------
 # The matmul bound
@@ -172,14 +173,11 @@ def replay_rate(name, shapes, dtypes, repeats=20):
     if name in ("aten::mm", "aten::bmm"):
         a, b = (torch.randn(s, dtype=dtype) for s in shapes[:2])
         fn = (lambda: torch.mm(a, b)) if name == "aten::mm" else (lambda: torch.bmm(a, b))
-        flops = 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3
-                                                                else 1)
     else:  # addmm(bias, a, b) and baddbmm(bias, a, b)
         c, a, b = (torch.randn(s, dtype=dtype) for s in shapes[:3])
         fn = ((lambda: torch.addmm(c, a, b)) if name == "aten::addmm"
               else (lambda: torch.baddbmm(c, a, b)))
-        flops = 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3
-                                                                else 1)
+    flops = 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -252,10 +250,7 @@ def main(argv=None):
                 log = os.path.join(args.work_dir, f"profile_{set_name}_{row}_{mode}.log")
                 bench.run_once(command(set_name, row, args, out_json, mode), bench.HERE, log)
                 with open(out_json) as f:
-                    got = json.load(f)
-                if mode == "time":
-                    got.pop("matmuls")
-                r.update(got)
+                    r.update(json.load(f))  # flops: the matmuls; time: everything else
             results.append(r)
             print(f"{set_name:<10} {row:<12} {r['wall'] / r['steps'] * 1e3:7.1f} ms a step "
                   "under the profiler", flush=True)
