@@ -271,7 +271,7 @@ def print_table(title, names, results, keys):
                                             for n in names))
 
 
-def main():
+def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", action="append", required=True,
                         help="checkpoint to evaluate; repeat for several (first = baseline)")
@@ -303,7 +303,7 @@ def main():
     parser.add_argument("--device", default="auto", help="auto (the GPU if there is one), "
                         "cpu, cuda or cuda:N")
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.device = devices.choose_device(args.device, False, 0, 1, torch.cuda.device_count())
 
     enc = tokenizer.load_tokenizer(args.tokenizer)

@@ -204,7 +204,7 @@ def load_model(path, enc_path, device):
     return model_from_checkpoint(ckpt, path).to(device).eval()
 
 
-def main():
+def main(argv=None):
     parser = ArgumentParser(description="Generate from a minidpo checkpoint.")
     parser.add_argument("--ckpt", default="out/sft.pt", help="checkpoint to load")
     parser.add_argument("--compare", default=None, help="a second checkpoint, side by side")
@@ -220,7 +220,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default="auto", help="auto (the GPU if there is one), "
                         "cpu, cuda or cuda:N")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.device = devices.choose_device(args.device, False, 0, 1, torch.cuda.device_count())
 
     enc = tokenizer.load_tokenizer(args.tokenizer)

@@ -1030,7 +1030,7 @@ def split_check(data_dir, round_dirs=(), out=print):
     return forbidden
 
 
-def main():
+def main(argv=None):
     here = os.path.dirname(os.path.abspath(__file__))
     parser = ArgumentParser(description="Regenerate the TinyChat data and tokenizer, or "
                             "check that its held-out files are held out (--check).")
@@ -1046,7 +1046,7 @@ def main():
     parser.add_argument("--rounds", nargs="*", default=[],
                         help="with --check: on-policy folders (tools/iterate.py --out-dir) whose "
                         "round*/pairs.jsonl count as training sources too")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.check:
         sys.exit(1 if split_check(args.out, args.rounds) else 0)
     generate(args.out, args.seed, args.vocab_size)

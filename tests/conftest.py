@@ -1,6 +1,8 @@
 """Shared pytest fixtures and helpers: the shipped tokenizer, data files, small TinyChat
 slices, an SFT checkpoint, and running the training scripts (also under torchrun)."""
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -13,6 +15,7 @@ import pytest
 import tokenizer
 import train_sft
 from checkpoint import load_checkpoint
+from errors import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,6 +94,22 @@ def run_concurrently(commands, timeout=300):
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     with ThreadPoolExecutor(2) as pool:
         return list(pool.map(one, commands))
+
+
+def in_process(main, *args):
+    """A script's main(argv) as `python script.py ARGS` runs it (errors.run_main: a user's
+    mistake is one line on stderr and exit status 1, argparse's status 2), but in this
+    process: its flags through its own parser, without the interpreter's start (1.5-3 s,
+    most of a short run). Each script also runs as a process of its own, in the tests of
+    its one-line errors (test_errors.py) or of the tool that calls it. A CompletedProcess."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_main(main, [str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def torchrun(script, args, timeout=300):

@@ -5,28 +5,36 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, SHAPE
+from conftest import ROOT, SHAPE, run_concurrently
 from tools import bench
 
 TINY = ["--max-len", "128", "--max-prompt-len", "48", *SHAPE]
 
 
-def test_bench_times_its_rows_on_both_sets(tmp_path):
-    result = tmp_path / "readings.json"
-    rows = ["naive", "packed-bf16"]
-    cmd = [sys.executable, "-m", "tools.bench", "--k1", "1", "--k2", "2",
-           "--sets", "tinychat", "synthetic", "--rows", *rows, "--batch-size", "4",
-           "--pairs", "24", "--work-dir", str(tmp_path), "--json", str(result),
-           "--extra", *TINY]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+def test_bench_times_its_rows_on_both_sets_and_repeats(tmp_path):
+    """Two bench commands side by side (their times are not checked here): two rows on
+    both sets; and one row twice with --repeat 2, a reading per round."""
+    rows, both, repeat = ["naive", "packed-bf16"], tmp_path / "both.json", tmp_path / "rep.json"
+    common = ["--k1", "1", "--k2", "2", "--batch-size", "4", "--pairs", "24"]
+    out, again = run_concurrently([
+        [sys.executable, "-m", "tools.bench", "--sets", "tinychat", "synthetic", "--rows", *rows,
+         *common, "--work-dir", str(tmp_path / "both"), "--json", str(both), "--extra", *TINY],
+        [sys.executable, "-m", "tools.bench", "--sets", "synthetic", "--rows", "packed",
+         "--repeat", "2", *common, "--work-dir", str(tmp_path / "rep"), "--json", str(repeat),
+         "--extra", *TINY]], timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     table = [line for line in out.stdout.splitlines() if line.startswith("| tinychat")
              or line.startswith("| synthetic")]
     assert len(table) == 4 and all(" x naive" not in line for line in table), out.stdout
-    readings = json.loads(result.read_text())
+    readings = json.loads(both.read_text())
     assert {(r["set"], r["row"]) for r in readings} == {
         (s, r) for s in ("tinychat", "synthetic") for r in rows}
     assert all(r["peak_mib"] > 100 for r in readings)  # whole processes: torch alone is more
+
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "round 2:" in again.stdout
+    readings = json.loads(repeat.read_text())
+    assert [(r["set"], r["row"]) for r in readings] == [("synthetic", "packed")] * 2
 
 
 def test_synthetic_pairs_are_english_words_in_minimind_tokens(tmp_path):
@@ -49,18 +57,6 @@ def test_naive_trainer_runs_under_the_dpo_flags(files, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "done: 2 steps" in out.stdout
-
-
-def test_bench_repeat_gives_a_reading_per_round(tmp_path):
-    result = tmp_path / "readings.json"
-    cmd = [sys.executable, "-m", "tools.bench", "--sets", "synthetic", "--rows",
-           "packed", "--repeat", "2", "--k1", "1", "--k2", "2", "--batch-size", "4",
-           "--pairs", "24", "--work-dir", str(tmp_path), "--json", str(result), "--extra", *TINY]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "round 2:" in out.stdout
-    readings = json.loads(result.read_text())
-    assert [(r["set"], r["row"]) for r in readings] == [("synthetic", "packed")] * 2
 
 
 FAKE_MINIMIND = '''import argparse, json, os, sys

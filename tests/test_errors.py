@@ -190,11 +190,12 @@ def test_beta_defaults_to_tinychats_on_tinychat_and_the_papers_elsewhere(files, 
         assert load_checkpoint(str(tmp_path / name / "dpo.pt"))["train_state"]["args"][
             "beta"] == beta
     # evaluate.py's pair metrics take the same default, and say which
-    for pairs, said in ((os.path.join(ROOT, "data", "pairs_val.jsonl"), "beta 2.0 (the default "
-                         "chosen on TinyChat's dev split"),
-                        (files["pairs_val"], "beta 0.1 (the DPO")):
-        result = run("evaluate.py", "--ckpt", sft_ckpt, "--pairs", pairs)
-        assert result.returncode == 0 and said in result.stdout, result.stderr
+    said = ["beta 2.0 (the default chosen on TinyChat's dev split", "beta 0.1 (the DPO"]
+    results = run_concurrently([cmd_of("evaluate.py", "--ckpt", sft_ckpt, "--pairs", pairs)
+                                for pairs in (os.path.join(ROOT, "data", "pairs_val.jsonl"),
+                                              files["pairs_val"])])
+    for result, words in zip(results, said):
+        assert result.returncode == 0 and words in result.stdout, result.stderr
 
 
 def test_the_main_job_is_one_command_on_a_fresh_clone(tmp_path):

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch
 import data
 import tokenizer
 import evaluate
-from conftest import ROOT
+from conftest import ROOT, in_process
 from checkpoint import save_checkpoint
 from model import Transformer, make_config
 
@@ -30,8 +28,8 @@ def checkpoints(tmp_path_factory):
 
 
 def run_evaluate(*args):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    """evaluate.py with these flags (in this process, conftest.in_process); what it printed."""
+    out = in_process(evaluate.main, *args)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 

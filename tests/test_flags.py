@@ -11,10 +11,11 @@ import torch
 
 import data
 import devices
+import evaluate
 import train_dpo
 import train_sft
-from conftest import (ROOT, SHAPE, command, dpo_args, max_diff, run_concurrently, sft_args,
-                      weights)
+from conftest import (ROOT, SHAPE, command, dpo_args, in_process, max_diff, run_concurrently,
+                      sft_args, weights)
 from checkpoint import load_checkpoint
 from tokenizer import DEFAULT_TOKENIZER
 
@@ -301,50 +302,51 @@ def test_schedule_and_optimizer_flags_through_sft(files, tmp_path):
         assert max_diff(moved, weights(tmp_path / "still/sft.pt")) > 1e-4, name
 
 
-def test_compile_gives_the_eager_losses(files, tmp_path):
-    common = ["--steps", "2", "--batch-size", "4", "--log-every", "1", "--val-data", ""]
-    train_sft.main(sft_args(files, tmp_path / "eager", *common))
-    run_script("train_sft.py", *sft_args(files, tmp_path / "compiled", *common, "--compile"),
-               timeout=600)
-    eager = records(tmp_path / "eager/sft/metrics.jsonl")
-    compiled = records(tmp_path / "compiled/sft/metrics.jsonl")
-    assert len(eager) == len(compiled) == 2
-    for a, b in zip(eager, compiled):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-
-
-def test_compile_packed_dpo_gives_the_eager_losses(files, sft_ckpt, tmp_path):
-    """--compile on the packed layout (a PackedPairs batch, the head at flat indices), on
-    the CPU: the losses of the eager run. The GPU tier counts its graphs on CUDA."""
-    common = ["--steps", "3", "--batch-size", "4", "--log-every", "1", "--val-data", "",
-              "--packed"]
-    train_dpo.main(dpo_args(files, tmp_path / "eager", sft_ckpt, *common))
-    run_script("train_dpo.py", *dpo_args(files, tmp_path / "compiled", sft_ckpt, *common,
-                                         "--compile"), timeout=600)
-    eager = records(tmp_path / "eager/dpo/metrics.jsonl")
-    compiled = records(tmp_path / "compiled/dpo/metrics.jsonl")
-    assert len(eager) == len(compiled) == 3
-    for a, b in zip(eager, compiled):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+def test_compile_gives_the_eager_losses(files, sft_ckpt, tmp_path):
+    """--compile through the scripts, on the CPU: SFT, and DPO on the packed layout (a
+    PackedPairs batch, the head at flat indices), each with the losses of its eager run.
+    The two compiled runs go side by side (compiling is mostly one core's work); the GPU
+    tier counts the graphs on CUDA."""
+    sft = ["--steps", "2", "--batch-size", "4", "--log-every", "1", "--val-data", ""]
+    dpo = ["--steps", "3", "--batch-size", "4", "--log-every", "1", "--val-data", "",
+           "--packed"]
+    compiled = run_concurrently([
+        [*command("train_sft.py"), *sft_args(files, tmp_path / "sft", *sft, "--compile")],
+        [*command("train_dpo.py"), *dpo_args(files, tmp_path / "dpo", sft_ckpt, *dpo,
+                                             "--compile")]], timeout=600)
+    assert all(r.returncode == 0 for r in compiled), [r.stderr[-2000:] for r in compiled]
+    train_sft.main(sft_args(files, tmp_path / "eager_sft", *sft))
+    train_dpo.main(dpo_args(files, tmp_path / "eager_dpo", sft_ckpt, *dpo))
+    for stage, steps in (("sft", 2), ("dpo", 3)):
+        eager = records(tmp_path / f"eager_{stage}/{stage}/metrics.jsonl")
+        compiled = records(tmp_path / f"{stage}/{stage}/metrics.jsonl")
+        assert len(eager) == len(compiled) == steps
+        for a, b in zip(eager, compiled):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), stage
 
 
 def test_sample_flags(sft_ckpt, tmp_path):
     other = tmp_path / "other.pt"
     other.write_bytes(sft_ckpt.read_bytes())
-    out = run_script("sample.py", "--ckpt", str(sft_ckpt), "--compare", str(other), "--n",
-                     "2", "--max-new-tokens", "4", "--tokenizer", DEFAULT_TOKENIZER,
-                     "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "1")
-    assert out.count("sft.pt:") == out.count("other.pt:") == 2  # 2 prompts x 2 checkpoints
-    out = run_script("sample.py", "--ckpt", str(sft_ckpt), "--system", "Be brief.",
-                     "--prompt", "What is 7 + 5?", "--max-new-tokens", "4", "--device", "cpu")
-    assert out.count("sft.pt:") == 1
+    compare, one = run_concurrently([
+        [*command("sample.py"), "--ckpt", str(sft_ckpt), "--compare", str(other), "--n", "2",
+         "--max-new-tokens", "4", "--tokenizer", DEFAULT_TOKENIZER, "--temperature", "0.8",
+         "--top-k", "20", "--top-p", "0.9", "--seed", "1"],
+        [*command("sample.py"), "--ckpt", str(sft_ckpt), "--system", "Be brief.", "--prompt",
+         "What is 7 + 5?", "--max-new-tokens", "4", "--device", "cpu"]])
+    assert compare.returncode == one.returncode == 0, compare.stderr + one.stderr
+    # 2 prompts x 2 checkpoints
+    assert compare.stdout.count("sft.pt:") == compare.stdout.count("other.pt:") == 2
+    assert one.stdout.count("sft.pt:") == 1
 
 
-def test_sample_flags_reach_the_sampler(tmp_path):
+def test_sample_flags_reach_the_sampler(tmp_path, capsys):
     """Each flag changes what is generated the way it should: top-k 1 and a tiny top-p are
     greedy whatever the temperature; the seed picks the sample; --system enters the
     prompt (the script's answer is the one generated after that system message). On a
-    random model, whose answers are long and varied."""
+    random model, whose answers are long and varied. Through sample.py's main (its
+    argument parser, the whole script but the interpreter's start; test_sample_flags
+    runs the script itself)."""
     import sample
     import tokenizer
     from checkpoint import save_checkpoint
@@ -362,13 +364,12 @@ def test_sample_flags_reach_the_sampler(tmp_path):
             ["--temperature", "20", "--top-k", "1", "--seed", "5"],
             ["--temperature", "20", "--top-p", "1e-9", "--seed", "5"],
             ["--system", "You answer in French."]]
-    results = run_concurrently([[*command("sample.py"), "--ckpt", str(ckpt), "--prompt",
-                                 "What is 7 + 5?", "--max-new-tokens", "12", *flags]
-                                for flags in runs])
-    assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
-    # the answer, less print()'s newline
-    greedy, *hot, top_k, top_p, french = [r.stdout.split("random.pt: ", 1)[1][:-1]
-                                          for r in results]
+    answers = []
+    for flags in runs:
+        sample.main(["--ckpt", str(ckpt), "--prompt", "What is 7 + 5?", "--max-new-tokens",
+                     "12", *flags])
+        answers.append(capsys.readouterr().out.split("random.pt: ", 1)[1][:-1])  # less \n
+    greedy, *hot, top_k, top_p, french = answers
     assert hot[0] == hot[1] != hot[2] and greedy not in hot
     assert top_k == greedy and top_p == greedy
     model = sample.load_model(str(ckpt), DEFAULT_TOKENIZER, "cpu")
@@ -387,9 +388,9 @@ def test_evaluate_on_your_own_prompt_file(sft_ckpt, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": r["messages"], "meta": r["meta"]}) + "\n"
                                for r in rows), encoding="utf-8")
-    out = run_script("evaluate.py", "--ckpt", str(sft_ckpt), "--prompts", str(prompts),
-                     "--samples", "0", "--max-new-tokens", "4")
-    assert "greedy on 3 held-out prompts" in out
+    out = in_process(evaluate.main, "--ckpt", sft_ckpt, "--prompts", prompts, "--samples", "0",
+                     "--max-new-tokens", "4")
+    assert out.returncode == 0 and "greedy on 3 held-out prompts" in out.stdout, out.stderr
     dev_only = tmp_path / "dev.jsonl"  # the shipped file's first rows: all of the dev split
     dev_only.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     result = subprocess.run([*command("evaluate.py"), "--ckpt", str(sft_ckpt), "--prompts",

@@ -6,8 +6,6 @@ under torchrun."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,10 +14,11 @@ import data
 import tokenizer
 import train_dpo
 import train_sft
-from conftest import CPU, QUIET, ROOT, SHAPE, max_diff, sft_args, torchrun, weights
+from conftest import CPU, QUIET, ROOT, SHAPE, in_process, max_diff, sft_args, torchrun, weights
 from checkpoint import load_checkpoint, model_from_checkpoint
 from extras.moe import MoEFeedForward
 from model import ModelConfig, Transformer, make_config
+from tools import convert as convert_tool
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "minimind")
 CASES = torch.load(os.path.join(FIXTURES, "cases.pt"), weights_only=True)
@@ -28,14 +27,13 @@ with open(os.path.join(FIXTURES, "encodings.json"), encoding="utf-8") as f:
 
 
 def convert(*args):
-    result = subprocess.run([sys.executable, "-m", "tools.convert", *map(str, args)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    return result
+    """`python -m tools.convert ARGS` (in this process, conftest.in_process)."""
+    return in_process(convert_tool.main, *args)
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Both fixture models through `convert.py --from-minimind`, as a user runs it."""
+    """Both fixture models through `convert.py --from-minimind`, with a user's flags."""
     out = tmp_path_factory.mktemp("minimind")
     for name, k in [("dense", 1), ("moe", 2)]:
         result = convert("--from-minimind", os.path.join(FIXTURES, f"{name}.pth"),

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, in_process
 from errors import UserError
 
 pytest.importorskip("matplotlib", reason="tools/plot.py's figures need matplotlib "
@@ -91,9 +91,7 @@ def test_sft_frontier_and_skills(tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list(plot.SKILLS)
     for name in ("sft", "frontier", "skills"):
         out = tmp_path / f"{name}.png"
-        result = subprocess.run([sys.executable, "-m", "tools.plot", name,
-                                 sft if name == "sft" else results, "--out", str(out)],
-                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        result = in_process(plot.main, name, sft if name == "sft" else results, "--out", out)
         assert result.returncode == 0 and out.stat().st_size > 5_000, result.stderr
 
 
@@ -117,13 +115,10 @@ def test_generalisation_shows_seen_beside_unseen_content_over_seeds(tmp_path):
     assert heights[6:] == [round(0.65 + 0.01 * k, 6) for k in range(6)]  # DPO
     assert [round(b.get_height(), 6) for b in unseen.patches] == [0.125] * 5 + [0.325] * 5
     out = tmp_path / "generalisation.png"
-    done = subprocess.run([sys.executable, "-m", "tools.plot", "generalisation", *seeds,
-                           "--labels", "SFT", "DPO", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = in_process(plot.main, "generalisation", *seeds, "--labels", "SFT", "DPO", "--out",
+                      out)
     assert done.returncode == 0 and out.stat().st_size > 5_000, done.stderr
-    wrong = subprocess.run([sys.executable, "-m", "tools.plot", "generalisation", *seeds,
-                            "--labels", "SFT", "--out", str(out)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
+    wrong = in_process(plot.main, "generalisation", *seeds, "--labels", "SFT", "--out", out)
     assert wrong.returncode == 1 and wrong.stderr.startswith("error: --labels names 1 model")
 
 
@@ -169,8 +164,7 @@ def test_tokens_figure_shows_each_pairs_shifts(tmp_path):
     with pytest.raises(UserError, match="no shifts for x.pt"):
         plot.tokens_figure(str(path), "x.pt")
     out = tmp_path / "tokens.png"
-    result = subprocess.run([sys.executable, "-m", "tools.plot", "tokens", str(path), "--out",
-                             str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = in_process(plot.main, "tokens", path, "--out", out)
     assert result.returncode == 0 and out.stat().st_size > 5_000, result.stderr
     bare = report(tmp_path / "bare.json", {"out/sft.pt": scores(0.48, 0.0, 0.4)})
     with pytest.raises(UserError, match="no per-token shifts"):
