@@ -101,6 +101,24 @@ def test_minimind_row_runs_minimind_trainer_on_the_synthetic_pairs(tmp_path):
             "batch_size": "4", "from_weight": "none"}
 
 
+def test_a_compiled_row_warms_the_cache_before_its_timed_runs(tmp_path, monkeypatch):
+    """--extra --compile: an untimed k1-step run first, then the two timed ones (a cold
+    compile in the first timed run alone made the difference negative: -16 pairs/s)."""
+    runs = []
+
+    def fake_run(cmd, cwd, log_path):  # a wall time that grows with the steps
+        runs.append(cmd[cmd.index("--steps") + 1])
+        return 1.0 + int(runs[-1]), 100.0
+    monkeypatch.setattr(bench, "run_once", fake_run)
+    common = ["--sets", "tinychat", "--rows", "default", "--k1", "1", "--k2", "3",
+              "--batch-size", "4", "--work-dir", str(tmp_path)]
+    bench.main([*common, "--extra", "--compile"])
+    assert runs == ["1", "1", "3"]
+    runs.clear()
+    bench.main(common)
+    assert runs == ["1", "3"]
+
+
 def test_minimind_row_needs_a_checkout():
     out = subprocess.run([sys.executable, "-m", "tools.bench", "--rows", "minimind"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)

@@ -18,6 +18,7 @@ from conftest import (ROOT, SHAPE, command, dpo_args, in_process, max_diff, run_
                       sft_args, weights)
 from checkpoint import load_checkpoint
 from tokenizer import DEFAULT_TOKENIZER
+from tools import sweep
 
 
 def records(path):
@@ -28,6 +29,14 @@ def records(path):
 def run_script(script, *args, timeout=180):
     result = subprocess.run([*command(script), *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def run_sweep(*args):
+    """`python -m tools.sweep ARGS` in this process (conftest.in_process; it runs as a
+    process in test_errors.py); what it printed. Its runs are processes of their own."""
+    result = in_process(sweep.main, *args)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -426,7 +435,7 @@ def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
             str(tmp_path / "sweep"), "--nproc", "1", "--samples", "1", "--limit", "12",
             "--train-flags", f"--data {files['pairs_train']} --val-data {files['pairs_val']} "
             "--steps 2 --batch-size 4"]
-    out = run_script("tools/sweep.py", *args, timeout=300)
+    out = run_sweep(*args)
     tmp_path = tmp_path / "sweep"
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| sigmoid", "| rdpo", "| simpo"]
@@ -439,25 +448,25 @@ def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
     assert "beta: each run's --beta where it has one, else train_dpo.py's default" in out
     with open(tmp_path / "sigmoid/train.log", encoding="utf-8") as f:  # not TinyChat's file
         assert f.readline().startswith("beta 0.1 (the DPO paper's")
-    again = run_script("tools/sweep.py", *args, timeout=300)
+    again = run_sweep(*args)
     assert "[sigmoid]" not in again  # finished runs are not trained again
     train_sft.main(sft_args(files, sft.parent / "retrained", "--steps", "2", "--batch-size",
                             "4", "--seed", "9"))
     sft.write_bytes((sft.parent / "retrained/sft.pt").read_bytes())  # a new SFT model
     # one of the rows is enough to see it trained again, not mixed into the old table
-    third = run_script("tools/sweep.py", *args[:2], *args[4:], timeout=300)
+    third = run_sweep(*args[:2], *args[4:])
     assert "[sigmoid]" in third
 
 
 def test_sweep_list_and_retrain(files, sft_ckpt, tmp_path):
-    listing = run_script("tools/sweep.py", "--list")
+    listing = run_sweep("--list")
     assert "simpo          --loss simpo --beta 2.5 --simpo-gamma 1.25" in listing
     assert "beta-0.1       --beta 0.1" in listing
     args = ["--runs", "sigmoid", "--sft-ckpt", str(sft_ckpt), "--out-dir", str(tmp_path),
             "--nproc", "1", "--samples", "1", "--limit", "6", "--train-flags",
             f"--data {files['pairs_train']} --val-data '' --steps 1 --batch-size 4"]
-    run_script("tools/sweep.py", *args, timeout=300)
-    assert "[sigmoid]" in run_script("tools/sweep.py", *args, "--retrain", timeout=300)
+    run_sweep(*args)
+    assert "[sigmoid]" in run_sweep(*args, "--retrain")
 
 
 @pytest.mark.parametrize("flags, dtype", [("fpu avx512f avx512_bf16", "bfloat16"),

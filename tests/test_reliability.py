@@ -16,10 +16,12 @@ import pytest
 import torch
 
 import data
+import evaluate
+import sample
 import tokenizer
 import train_dpo
 import train_sft
-from conftest import ROOT, dpo_args, max_diff, sft_args, torchrun, weights
+from conftest import ROOT, dpo_args, in_process, max_diff, sft_args, torchrun, weights
 from errors import UserError
 from checkpoint import load_checkpoint, save_checkpoint
 from model import ModelConfig, Transformer
@@ -79,9 +81,7 @@ def test_bad_checkpoint_files_are_clear_errors(tmp_path, kind):
     bad.write_bytes(make(good.read_bytes()))
     with pytest.raises(ValueError, match=f"{bad}: .*{words}"):
         load_checkpoint(str(bad))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt",
-                             str(bad), "--prompt", "hi"], capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)
+    result = in_process(sample.main, "--ckpt", bad, "--prompt", "hi")  # as sample.py runs it
     assert result.returncode == 1 and result.stderr.startswith(f"error: {bad}: ")
     assert len(result.stderr.splitlines()) == 1, result.stderr
 
@@ -161,10 +161,9 @@ def test_evaluate_reports_kl_only_at_temperature_one(tmp_path):
                     tokenizer.tokenizer_identity())
     for temperature, has_kl in (("0.7", False), ("1.0", True)):
         report = str(tmp_path / f"t{temperature}.json")
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--ckpt",
-                                 path, "--limit", "6", "--samples", "1", "--max-new-tokens",
-                                 "4", "--temperature", temperature, "--json", report],
-                                capture_output=True, text=True, cwd=ROOT, timeout=120)
+        result = in_process(evaluate.main, "--ckpt", path, "--limit", "6", "--samples", "1",
+                            "--max-new-tokens", "4", "--temperature", temperature, "--json",
+                            report)
         assert result.returncode == 0, result.stderr[-2000:]
         with open(report) as f:
             keys = json.load(f)["results"][path]
@@ -179,12 +178,10 @@ def test_samples_on_your_own_data_are_your_own_prompts(tmp_path):
     for name, rows in (("train", pairs[:32]), ("val", pairs[32:])):
         paths[name] = tmp_path / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_dpo.py"), "--sft-ckpt",
-                             "", "--data", str(paths["train"]), "--val-data", str(paths["val"]),
-                             "--out-dir", str(tmp_path), "--steps", "1", "--batch-size", "4",
-                             "--dim", "32", "--n-layers", "1", "--n-heads", "4",
-                             "--n-kv-heads", "2", "--samples", "2", "--quiet"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=180)
+    result = in_process(train_dpo.main, "--sft-ckpt", "", "--data", paths["train"],
+                        "--val-data", paths["val"], "--out-dir", tmp_path, "--steps", "1",
+                        "--batch-size", "4", "--dim", "32", "--n-layers", "1", "--n-heads",
+                        "4", "--n-kv-heads", "2", "--samples", "2", "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "word number 32" in result.stdout and "word number 33" in result.stdout
     assert "judge" not in result.stdout and "What is" not in result.stdout
@@ -382,9 +379,7 @@ def test_a_checkpoints_config_is_checked_before_any_tensor_is_allocated(tmp_path
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 20_000_000
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt",
-                             str(tmp_path / "bad.pt"), "--prompt", "hi"], capture_output=True,
-                            text=True, cwd=ROOT, timeout=120)
+    result = in_process(sample.main, "--ckpt", tmp_path / "bad.pt", "--prompt", "hi")
     assert result.returncode == 1 and result.stderr.startswith("error: ")
     assert len(result.stderr.splitlines()) == 1, result.stderr
 

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT
+from conftest import ROOT, in_process
+from tools import headline
 
 
 def test_the_mutation_check_kills_a_planted_sign_flip(tmp_path):
@@ -52,7 +53,7 @@ def test_the_headline_is_one_command_over_seeds(tmp_path, monkeypatch):
     with open(out / "seed1337" / "eval_test.json", encoding="utf-8") as f:
         assert json.load(f)["args"]["split"] == "test"
     trained = os.path.getmtime(out / "seed1337" / "dpo.pt")
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    again = in_process(headline.main, *cmd[3:])  # the script, without its process this time
     assert again.returncode == 0 and "seed 1337: python train_dpo.py" not in again.stdout
     assert "seed 1337: python train_dpo.py --seed 1337" in first.stdout
     assert os.path.getmtime(out / "seed1337" / "dpo.pt") == trained
@@ -77,8 +78,8 @@ def test_the_headline_is_one_command_over_seeds(tmp_path, monkeypatch):
     assert record["warmup_steps"] == 2  # half of the round's 4 steps
     one_seed = cmd[:]
     one_seed[one_seed.index("--seeds") + 1] = "1"
-    third = subprocess.run(one_seed + ["--onpolicy", "--onpolicy-flags", shlex.join(onpolicy)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    third = in_process(headline.main, *one_seed[3:], "--onpolicy", "--onpolicy-flags",
+                       shlex.join(onpolicy))
     assert third.returncode == 0, third.stderr[-2000:]
     assert "round 1: done already" in (seed / "onpolicy.log").read_text()
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in

@@ -159,7 +159,7 @@ def table(runs, results, sft_path, samples, train_flags, split):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", default=[name for name, _ in RUNS],
                         help="which rows (default: all)")
@@ -178,7 +178,7 @@ def main():
                         help="extra train_dpo.py flags for every run, e.g. '--steps 50'")
     parser.add_argument("--retrain", action="store_true", help="train finished runs again")
     parser.add_argument("--list", action="store_true", help="print the runs and stop")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     known = dict(RUNS)
     if args.list:
         for name, flags in RUNS:
