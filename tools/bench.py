@@ -300,9 +300,10 @@ def time_row(row, set_args, k1, k2, args, out_dir):
     difference is no longer the steps' time)."""
     os.makedirs(out_dir, exist_ok=True)
     log = os.path.join(out_dir, "log.txt")
-    if "--compile" in command(row, set_args, k1, args, out_dir)[0]:
-        run_once(*command(row, set_args, k1, args, out_dir), log)
-    t1, _ = run_once(*command(row, set_args, k1, args, out_dir), log)
+    short = command(row, set_args, k1, args, out_dir)
+    if "--compile" in short[0]:
+        run_once(*short, log)
+    t1, _ = run_once(*short, log)
     t2, peak = run_once(*command(row, set_args, k2, args, out_dir), log)
     return (k2 - k1) * args.batch_size / (t2 - t1), peak
 
