@@ -427,12 +427,12 @@ def test_shape_flags_reach_the_model(files, tmp_path):
 
 def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
     """sweep.py end to end on a small scale: three rows (two sharing one reference cache,
-    one reference-free), one evaluate.py call, the table; a second call reuses the runs,
-    and a third, from another SFT model, trains them again."""
+    one reference-free), one evaluate.py call, the table; a second call reuses the runs
+    and their evaluation, and a third, from another SFT model, trains and judges again."""
     sft = tmp_path / "sft.pt"
     sft.write_bytes(sft_ckpt.read_bytes())
     args = ["--runs", "sigmoid", "rdpo", "simpo", "--sft-ckpt", str(sft), "--out-dir",
-            str(tmp_path / "sweep"), "--nproc", "1", "--samples", "1", "--limit", "12",
+            str(tmp_path / "sweep"), "--nproc", "1", "--samples", "1", "--limit", "6",
             "--train-flags", f"--data {files['pairs_train']} --val-data {files['pairs_val']} "
             "--steps 2 --batch-size 4"]
     out = run_sweep(*args)
@@ -449,13 +449,15 @@ def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
     with open(tmp_path / "sigmoid/train.log", encoding="utf-8") as f:  # not TinyChat's file
         assert f.readline().startswith("beta 0.1 (the DPO paper's")
     again = run_sweep(*args)
-    assert "[sigmoid]" not in again  # finished runs are not trained again
+    assert "[sigmoid]" not in again  # finished runs are not trained again, nor judged
+    assert "evaluated already" in again
+    assert [line for line in again.splitlines() if line.startswith("| ")] == rows
     train_sft.main(sft_args(files, sft.parent / "retrained", "--steps", "2", "--batch-size",
                             "4", "--seed", "9"))
     sft.write_bytes((sft.parent / "retrained/sft.pt").read_bytes())  # a new SFT model
     # one of the rows is enough to see it trained again, not mixed into the old table
     third = run_sweep(*args[:2], *args[4:])
-    assert "[sigmoid]" in third
+    assert "[sigmoid]" in third and "evaluating 1 runs and the SFT model" in third
 
 
 def test_sweep_list_and_retrain(files, sft_ckpt, tmp_path):

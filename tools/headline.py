@@ -22,7 +22,7 @@ import time
 
 from errors import ArgumentParser, run_main
 from evaluate import mean, standard_error
-from tools.sweep import launcher, run_logged
+from tools.sweep import done_before, launcher, run_logged
 
 SAMPLED, GREEDY = "sampled T=1/", "greedy/"
 FIRST_SEED = 1337  # train_sft.py's and train_dpo.py's default --seed
@@ -50,15 +50,6 @@ def run(cmd, log_path):
     t0 = time.time()
     run_logged(cmd, log_path)
     return time.time() - t0
-
-
-def done_before(path, settings):
-    """The record at path if it was made with these settings, else None."""
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-    return record if record.get("settings") == settings else None
 
 
 def one_seed(seed, args):

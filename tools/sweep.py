@@ -12,8 +12,9 @@ share the reference's precomputed log-probs do (`--precompute-ref`, one cache co
 run to run). Then one `evaluate.py` call scores the SFT model once and every run against
 it, on the dev split of the evaluation prompts by default (a sweep is where settings are
 chosen) or on --split test (to report the chosen ones). A finished run is not trained
-again (its folder holds dpo.pt and run.json) unless --retrain; results go to
-OUT/table_SPLIT.md and OUT/results_SPLIT.json.
+again (its folder holds dpo.pt and run.json) unless --retrain, nor are the same models (by
+their bytes) judged again with the same settings; results go to OUT/table_SPLIT.md and
+OUT/results_SPLIT.json.
 """
 
 import contextlib
@@ -83,6 +84,15 @@ def run_logged(cmd, log_path):
             lines = [line.strip() for line in f if line.strip()] or ["(no output)"]
         said = next((line for line in lines if line.startswith("error: ")), lines[-1])
         raise UserError(f"{log_path}: the run failed (exit {code}): {said}")
+
+
+def done_before(path, settings):
+    """The record at path if it was made with these settings, else None."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    return record if record.get("settings") == settings else None
 
 
 def run_settings(flags, sft_ckpt):
@@ -200,14 +210,23 @@ def main(argv=None):
         record["out"] = os.path.join(args.out_dir, name)
         runs.append(record)
     results_path = os.path.join(args.out_dir, f"results_{args.split}.json")
-    cmd = [sys.executable, os.path.join(HERE, "evaluate.py"), "--ckpt", args.sft_ckpt,
-           "--samples", str(args.samples), "--split", args.split, "--json", results_path]
+    cmd = [sys.executable, os.path.join(HERE, "evaluate.py"), "--samples", str(args.samples),
+           "--split", args.split, "--json", results_path]
     if args.limit:
         cmd += ["--limit", str(args.limit)]
-    for run in runs:
-        cmd += ["--ckpt", os.path.join(run["out"], "dpo.pt")]
-    print(f"evaluating {len(runs)} runs and the SFT model", flush=True)
-    run_logged(cmd, os.path.join(args.out_dir, "evaluate.log"))
+    ckpts = [args.sft_ckpt] + [os.path.join(run["out"], "dpo.pt") for run in runs]
+    for path in ckpts:  # the SFT model first: the one every run is compared with
+        cmd += ["--ckpt", path]
+    # the same models, byte for byte, judged the same way: evaluate.py's results stand
+    settings = {"evaluate": cmd[2:], "sha256": [file_digest(path) for path in ckpts]}
+    if (not os.path.exists(results_path)
+            or done_before(results_path + ".done", settings) is None):
+        print(f"evaluating {len(runs)} runs and the SFT model", flush=True)
+        run_logged(cmd, os.path.join(args.out_dir, "evaluate.log"))
+        with open(results_path + ".done", "w", encoding="utf-8") as f:
+            json.dump({"settings": settings}, f, indent=1)
+    else:
+        print(f"evaluated already: {results_path} (the same models and settings)", flush=True)
     with open(results_path, encoding="utf-8") as f:
         results = json.load(f)["results"]
     text = table(runs, results, args.sft_ckpt, args.samples, args.train_flags, args.split)
