@@ -11,9 +11,11 @@ import sys
 
 import pytest
 
+import evaluate
 import train_dpo
 import train_sft
-from conftest import QUIET, ROOT, SHAPE, command, max_diff, run_concurrently, weights
+from conftest import (QUIET, ROOT, SHAPE, command, in_process, max_diff, run_concurrently,
+                      weights)
 from checkpoint import load_checkpoint
 from checkpoint import file_digest
 
@@ -191,10 +193,9 @@ def test_beta_defaults_to_tinychats_on_tinychat_and_the_papers_elsewhere(files, 
             "beta"] == beta
     # evaluate.py's pair metrics take the same default, and say which
     said = ["beta 2.0 (the default chosen on TinyChat's dev split", "beta 0.1 (the DPO"]
-    results = run_concurrently([cmd_of("evaluate.py", "--ckpt", sft_ckpt, "--pairs", pairs)
-                                for pairs in (os.path.join(ROOT, "data", "pairs_val.jsonl"),
-                                              files["pairs_val"])])
-    for result, words in zip(results, said):
+    for pairs, words in zip((os.path.join(ROOT, "data", "pairs_val.jsonl"),
+                             files["pairs_val"]), said):
+        result = in_process(evaluate.main, "--ckpt", sft_ckpt, "--pairs", pairs)
         assert result.returncode == 0 and words in result.stdout, result.stderr
 
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from conftest import ROOT, in_process
 from tools import headline
@@ -90,12 +91,13 @@ def test_the_headline_is_one_command_over_seeds(tmp_path, monkeypatch):
 def test_the_gpu_checks_timing_window_on_the_cpu(files, sft_ckpt, tmp_path):
     """tools/gpu_check.py times each row inside its process: the trainer's per-step
     records after the warm-up steps, the process stopped once the window holds
-    --seconds. Here on the CPU, for train_dpo.py and the naive trainer."""
+    --seconds. Here on the CPU, for train_dpo.py and the naive trainer (side by side)."""
     from conftest import dpo_args
     from tools import gpu_check
     args = gpu_check.parse_args(["--warmup", "2", "--seconds", "1.5", "--row-limit", "120",
                                  "--batch-size", "4"])
-    for name, cmd in (("dpo", ["train_dpo.py"]), ("naive", ["-m", "tools.bench", "naive"])):
+
+    def row(name, cmd):
         out = tmp_path / name
         out.mkdir()
         flags = dpo_args(files, out, sft_ckpt, "--batch-size", "4", "--steps", "100000",
@@ -108,6 +110,11 @@ def test_the_gpu_checks_timing_window_on_the_cpu(files, sft_ckpt, tmp_path):
         records = gpu_check.read_records(out / "dpo" / "metrics.jsonl")
         assert records[-1]["step"] == steps + 2  # every step after the warm-up is timed
         assert "Traceback" not in (out / "log.txt").read_text()
+    with ThreadPoolExecutor(2) as pool:
+        done = [pool.submit(row, "dpo", ["train_dpo.py"]),
+                pool.submit(row, "naive", ["-m", "tools.bench", "naive"])]
+        for future in done:
+            future.result()  # its assertion, if one failed
 
 
 def test_the_gpu_checks_window_is_the_difference_of_elapsed_times():

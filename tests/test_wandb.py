@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from conftest import ROOT, dpo_args, sft_args, torchrun
 
@@ -28,7 +29,7 @@ def init(project=None, config=None, name=None, **kwargs):
 
 def stand_in_env(tmp_path, module_text=STAND_IN):
     folder = tmp_path / "stand_in"
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "wandb.py").write_text(module_text)
     log = tmp_path / "calls.jsonl"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), ROOT]),
@@ -46,11 +47,22 @@ def metrics(path):
 
 def test_sft_and_torchrun_dpo_records_reach_wandb_from_rank_0(files, sft_ckpt, tmp_path,
                                                               monkeypatch):
-    env, log = stand_in_env(tmp_path)
+    """train_sft.py and, beside it, train_dpo.py under torchrun, each with its own
+    stand-in's log."""
+    env, log = stand_in_env(tmp_path / "sft_wandb")
     out = tmp_path / "sft"
     cmd = [sys.executable, os.path.join(ROOT, "train_sft.py"),
            *sft_args(files, out, "--steps", "6", "--log-every", "2", "--wandb", "proj-sft")]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    dpo_env, dpo_log = stand_in_env(tmp_path / "dpo_wandb")
+    for name, value in dpo_env.items():
+        monkeypatch.setenv(name, value)  # torchrun's environment
+    with ThreadPoolExecutor(2) as pool:
+        sft_run = pool.submit(subprocess.run, cmd, cwd=ROOT, env=env, capture_output=True,
+                              text=True)
+        pool.submit(torchrun, "train_dpo.py", dpo_args(
+            files, tmp_path / "dpo", sft_ckpt, "--steps", "4", "--log-every", "1",
+            "--batch-size", "2", "--wandb", "proj-dpo")).result()
+        result = sft_run.result()
     assert result.returncode == 0, result.stderr[-2000:]
     seen = calls(log)
     assert [c["kind"] for c in seen] == ["init"] + ["log"] * 3
@@ -60,17 +72,11 @@ def test_sft_and_torchrun_dpo_records_reach_wandb_from_rank_0(files, sft_ckpt, t
     assert [c["data"] for c in seen[1:]] == records  # exactly the records, every one
     assert [c["step"] for c in seen[1:]] == [r["step"] for r in records] == [2, 4, 6]
 
-    log.unlink()
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    out = tmp_path / "dpo"
-    torchrun("train_dpo.py", dpo_args(files, out, sft_ckpt, "--steps", "4", "--log-every",
-                                      "1", "--batch-size", "2", "--wandb", "proj-dpo"))
-    seen = calls(log)
+    seen = calls(dpo_log)
     assert {c["rank"] for c in seen} == {"0"}  # rank 1 is silent
     assert [c["kind"] for c in seen].count("init") == 1
     assert [c["data"] for c in seen if c["kind"] == "log"] == metrics(
-        out / "dpo" / "metrics.jsonl")
+        tmp_path / "dpo" / "dpo" / "metrics.jsonl")
 
 
 def test_without_wandb_installed_one_line_says_what_to_install(files, tmp_path):
