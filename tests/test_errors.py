@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import evaluate
+import sample
 import train_dpo
 import train_sft
 from conftest import (QUIET, ROOT, SHAPE, command, in_process, max_diff, run_concurrently,
@@ -148,11 +149,11 @@ def test_long_prompts_are_fitted_when_generating(files, write_file, tmp_path, ca
     assert out.count("note: prompts longer than the model's context") == 1, out
     assert out.count("[held-out]") == 3
     ckpt = tmp_path / "dpo.pt"
-    result = run("sample.py", "--ckpt", ckpt, "--prompt", " ".join(["word"] * 400),
-                 "--max-new-tokens", "80", "--temperature", "1")
+    result = in_process(sample.main, "--ckpt", ckpt, "--prompt", " ".join(["word"] * 400),
+                        "--max-new-tokens", "80", "--temperature", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("note: prompts longer than the model's context") == 1
-    result = run("sample.py", "--ckpt", ckpt, "--prompt", "hi")  # short: no note
+    result = in_process(sample.main, "--ckpt", ckpt, "--prompt", "hi")  # short: no note
     assert result.returncode == 0 and "note:" not in result.stdout, result.stderr
 
 

@@ -12,6 +12,7 @@ import torch
 import data
 import devices
 import evaluate
+import sample
 import train_dpo
 import train_sft
 from conftest import (ROOT, SHAPE, command, dpo_args, in_process, max_diff, run_concurrently,
@@ -337,12 +338,11 @@ def test_compile_gives_the_eager_losses(files, sft_ckpt, tmp_path):
 def test_sample_flags(sft_ckpt, tmp_path):
     other = tmp_path / "other.pt"
     other.write_bytes(sft_ckpt.read_bytes())
-    compare, one = run_concurrently([
-        [*command("sample.py"), "--ckpt", str(sft_ckpt), "--compare", str(other), "--n", "2",
-         "--max-new-tokens", "4", "--tokenizer", DEFAULT_TOKENIZER, "--temperature", "0.8",
-         "--top-k", "20", "--top-p", "0.9", "--seed", "1"],
-        [*command("sample.py"), "--ckpt", str(sft_ckpt), "--system", "Be brief.", "--prompt",
-         "What is 7 + 5?", "--max-new-tokens", "4", "--device", "cpu"]])
+    compare = in_process(sample.main, "--ckpt", sft_ckpt, "--compare", other, "--n", "2",
+                         "--max-new-tokens", "4", "--tokenizer", DEFAULT_TOKENIZER,
+                         "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "1")
+    one = in_process(sample.main, "--ckpt", sft_ckpt, "--system", "Be brief.", "--prompt",
+                     "What is 7 + 5?", "--max-new-tokens", "4", "--device", "cpu")
     assert compare.returncode == one.returncode == 0, compare.stderr + one.stderr
     # 2 prompts x 2 checkpoints
     assert compare.stdout.count("sft.pt:") == compare.stdout.count("other.pt:") == 2
@@ -354,9 +354,8 @@ def test_sample_flags_reach_the_sampler(tmp_path, capsys):
     greedy whatever the temperature; the seed picks the sample; --system enters the
     prompt (the script's answer is the one generated after that system message). On a
     random model, whose answers are long and varied. Through sample.py's main (its
-    argument parser, the whole script but the interpreter's start; test_sample_flags
-    runs the script itself)."""
-    import sample
+    argument parser, the whole script but the interpreter's start; the script itself runs
+    in test_train.py's torchrun test and test_errors.py's)."""
     import tokenizer
     from checkpoint import save_checkpoint
     from model import Transformer, make_config
@@ -402,9 +401,8 @@ def test_evaluate_on_your_own_prompt_file(sft_ckpt, tmp_path):
     assert out.returncode == 0 and "greedy on 3 held-out prompts" in out.stdout, out.stderr
     dev_only = tmp_path / "dev.jsonl"  # the shipped file's first rows: all of the dev split
     dev_only.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    result = subprocess.run([*command("evaluate.py"), "--ckpt", str(sft_ckpt), "--prompts",
-                             str(dev_only), "--samples", "0"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = in_process(evaluate.main, "--ckpt", sft_ckpt, "--prompts", dev_only, "--samples",
+                        "0")
     assert result.returncode == 1 and result.stderr == (
         f"error: {dev_only}: no prompt of the test split (its rows: dev); use --split dev or "
         "--split all\n")
