@@ -426,7 +426,10 @@ def test_shape_flags_reach_the_model(files, tmp_path):
 def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
     """sweep.py end to end on a small scale: three rows (two sharing one reference cache,
     one reference-free), one evaluate.py call, the table; a second call reuses the runs
-    and their evaluation, and a third, from another SFT model, trains and judges again."""
+    and their evaluation; --retrain trains a row again, and so does a new SFT model."""
+    listing = run_sweep("--list")
+    assert "simpo          --loss simpo --beta 2.5 --simpo-gamma 1.25" in listing
+    assert "beta-0.1       --beta 0.1" in listing
     sft = tmp_path / "sft.pt"
     sft.write_bytes(sft_ckpt.read_bytes())
     args = ["--runs", "sigmoid", "rdpo", "simpo", "--sft-ckpt", str(sft), "--out-dir",
@@ -450,23 +453,13 @@ def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
     assert "[sigmoid]" not in again  # finished runs are not trained again, nor judged
     assert "evaluated already" in again
     assert [line for line in again.splitlines() if line.startswith("| ")] == rows
+    one_row = [*args[:2], *args[4:]]  # one of the rows is enough to see it trained again
+    assert "[sigmoid]" in run_sweep(*one_row, "--retrain")
     train_sft.main(sft_args(files, sft.parent / "retrained", "--steps", "2", "--batch-size",
                             "4", "--seed", "9"))
     sft.write_bytes((sft.parent / "retrained/sft.pt").read_bytes())  # a new SFT model
-    # one of the rows is enough to see it trained again, not mixed into the old table
-    third = run_sweep(*args[:2], *args[4:])
+    third = run_sweep(*one_row)  # trained again, not mixed into the old table
     assert "[sigmoid]" in third and "evaluating 1 runs and the SFT model" in third
-
-
-def test_sweep_list_and_retrain(files, sft_ckpt, tmp_path):
-    listing = run_sweep("--list")
-    assert "simpo          --loss simpo --beta 2.5 --simpo-gamma 1.25" in listing
-    assert "beta-0.1       --beta 0.1" in listing
-    args = ["--runs", "sigmoid", "--sft-ckpt", str(sft_ckpt), "--out-dir", str(tmp_path),
-            "--nproc", "1", "--samples", "1", "--limit", "6", "--train-flags",
-            f"--data {files['pairs_train']} --val-data '' --steps 1 --batch-size 4"]
-    run_sweep(*args)
-    assert "[sigmoid]" in run_sweep(*args, "--retrain")
 
 
 @pytest.mark.parametrize("flags, dtype", [("fpu avx512f avx512_bf16", "bfloat16"),
