@@ -4,7 +4,6 @@ pair file), resuming, the same pairs from the same seed, and its one-line errors
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 import data
 import tasks
-from conftest import ROOT
+from conftest import run_concurrently
 from tools import iterate
 from tools.iterate import best_against_worst
 
@@ -118,59 +117,51 @@ def test_rounds_end_to_end_resume_and_same_seed(sft_ckpt, tmp_path, stand_in_jud
     assert "| start |" in (tmp_path / "d" / "table.md").read_text()
 
 
-def test_other_settings_in_the_same_folder_are_refused(sft_ckpt, tmp_path, stand_in_judge):
-    out = tmp_path / "a"
-    iterate.main(iterate_args(sft_ckpt, out, "--rounds", "1", "--eval-samples", "0"))
-    with pytest.raises(ValueError, match=r"made with other settings \(k\)"):
-        iterate.main(iterate_args(sft_ckpt, out, "--rounds", "1", "--eval-samples", "0",
-                                  "--k", "4"))
-    # a retrained SFT model at the same path: refused, not mixed with the old round
+def test_a_round_is_refused_under_other_settings_and_judged_again_under_others(
+        sft_ckpt, tmp_path, stand_in_judge, capsys):
+    """A round made with --eval-samples 0: asked again with another --k, refused; then asked
+    for an evaluation, judged (no KeyError); another --eval-limit: judged again, the table's
+    SFT row and round rows from the same prompts, nothing trained again; from a retrained
+    SFT model at the same path: refused, not mixed with the old round."""
     sft = tmp_path / "sft.pt"
     sft.write_bytes(sft_ckpt.read_bytes())
-    iterate.main(iterate_args(sft, tmp_path / "b", "--rounds", "1", "--eval-samples", "0"))
-    ckpt = torch.load(sft, weights_only=True)
-    ckpt["model"]["norm.weight"] += 1
-    torch.save(ckpt, sft)
-    with pytest.raises(ValueError, match=r"other settings \(sft_sha256, start_sha256\)"):
-        iterate.main(iterate_args(sft, tmp_path / "b", "--rounds", "1", "--eval-samples", "0"))
-
-
-def test_a_round_is_judged_again_under_other_evaluation_settings(sft_ckpt, tmp_path,
-                                                                   stand_in_judge, capsys):
-    """Made with --eval-samples 0, then asked for an evaluation: the round is judged (no
-    KeyError); another --eval-limit: judged again, and the table's SFT row and round rows
-    come from the same prompts."""
     out = tmp_path / "a"
-    iterate.main(iterate_args(sft_ckpt, out, "--rounds", "1", "--eval-samples", "0"))
+    iterate.main(iterate_args(sft, out, "--rounds", "1", "--eval-samples", "0"))
+    with pytest.raises(ValueError, match=r"made with other settings \(k\)"):
+        iterate.main(iterate_args(sft, out, "--rounds", "1", "--eval-samples", "0",
+                                  "--k", "4"))
     record_path = out / "round1" / "round.json"
     assert "eval" not in json.loads(record_path.read_text())
     trained = os.path.getmtime(out / "round1" / "dpo.pt")
-    iterate.main(iterate_args(sft_ckpt, out, "--rounds", "1"))
+    iterate.main(iterate_args(sft, out, "--rounds", "1"))
     record = json.loads(record_path.read_text())
     assert record["eval_settings"]["eval_limit"] == 6 and "sampled T=1/score" in record["eval"]
     capsys.readouterr()
-    iterate.main(iterate_args(sft_ckpt, out, "--rounds", "1", "--eval-limit", "12",
+    iterate.main(iterate_args(sft, out, "--rounds", "1", "--eval-limit", "12",
                               "--eval-split", "test"))
     assert "judged again" in capsys.readouterr().out
     record = json.loads(record_path.read_text())
     assert record["eval_settings"] == {"eval_samples": 1, "eval_limit": 12,
                                        "eval_split": "test"}
     assert os.path.getmtime(out / "round1" / "dpo.pt") == trained  # not trained again
-
-
-def run_script(*args):
-    return subprocess.run([sys.executable, "-m", "tools.iterate", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    ckpt = torch.load(sft, weights_only=True)
+    ckpt["model"]["norm.weight"] += 1
+    torch.save(ckpt, sft)
+    with pytest.raises(ValueError, match=r"other settings \(sft_sha256, start_sha256\)"):
+        iterate.main(iterate_args(sft, out, "--rounds", "1", "--eval-samples", "0"))
 
 
 def test_errors_are_one_line(sft_ckpt, tmp_path):
-    result = run_script("--min-gap", "0")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "--min-gap must be above 0" in result.stderr
-    result = run_script("--sft-ckpt", str(tmp_path / "none.pt"))
-    assert result.returncode == 1 and result.stderr.startswith("error: no checkpoint at")
-    # TinyChat's own judge gives a 12-step model's answers 0 each: every prompt ties
-    result = run_script(*iterate_args(sft_ckpt, tmp_path / "t", "--rounds", "1"))
-    assert result.returncode == 1, result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: round 1: all 6 prompts")
-    assert "Traceback" not in result.stderr
+    """`python -m tools.iterate` with a bad flag, a missing checkpoint, and a round in which
+    no pair forms (three runs, two at a time: conftest.run_concurrently)."""
+    script = [sys.executable, "-m", "tools.iterate"]
+    gap, missing, tied = run_concurrently([
+        [*script, "--min-gap", "0"], [*script, "--sft-ckpt", str(tmp_path / "none.pt")],
+        # TinyChat's own judge gives a 12-step model's answers 0 each: every prompt ties
+        [*script, *iterate_args(sft_ckpt, tmp_path / "t", "--rounds", "1")]])
+    assert gap.returncode == 2 and gap.stderr.count("\n") == 1
+    assert "--min-gap must be above 0" in gap.stderr
+    assert missing.returncode == 1 and missing.stderr.startswith("error: no checkpoint at")
+    assert tied.returncode == 1, tied.stderr
+    assert tied.stderr.strip().splitlines()[-1].startswith("error: round 1: all 6 prompts")
+    assert "Traceback" not in tied.stderr
