@@ -10,6 +10,7 @@ batch is a function of k), under any launcher.
 Not run directly; the training scripts, sample.py and evaluate.py use it.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -44,8 +45,9 @@ def atomic_write(path, payload):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException:  # a stop signal can land just after the rename: tmp is gone then
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     fd = os.open(folder, os.O_RDONLY)
     try:

@@ -227,7 +227,7 @@ def save_tiktoken(ranks, path):
         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
         f.flush()
-        os.fsync(f.fileno())  # on disk before the rename (as model.atomic_write does)
+        os.fsync(f.fileno())  # on disk before the rename (as checkpoint.atomic_write does)
     os.replace(tmp, path)
 
 

@@ -148,6 +148,24 @@ def test_files_are_fsynced_before_they_replace_the_old_one(files, sft_ckpt, tmp_
         assert events[i - 1] == "fsync"  # the data is on disk before the rename
 
 
+def test_a_stop_right_after_the_rename_stops_the_run_not_a_missing_file(tmp_path,
+                                                                        monkeypatch):
+    """SIGTERM's Interrupted raised just after os.replace (where a signal sent as soon as
+    the checkpoint appears lands): the stop goes on up, with the new file in place, not a
+    'no such file' error about the temporary name that was just renamed."""
+    from checkpoint import atomic_write
+    from errors import Interrupted
+    real_replace = os.replace
+
+    def replace_then_stop(a, b):
+        real_replace(a, b)
+        raise Interrupted("SIGTERM")
+    monkeypatch.setattr(os, "replace", replace_then_stop)
+    with pytest.raises(Interrupted):
+        atomic_write(str(tmp_path / "sft.pt"), b"new")
+    assert os.listdir(tmp_path) == ["sft.pt"] and (tmp_path / "sft.pt").read_bytes() == b"new"
+
+
 def test_json_extension_in_capitals_reads_an_array(write_file, enc):
     path = write_file("pairs.JSON", json.dumps([{"prompt": "Q", "chosen": "a",
                                                  "rejected": "b"}]))
