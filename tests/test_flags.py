@@ -423,7 +423,7 @@ def test_shape_flags_reach_the_model(files, tmp_path):
     assert SHAPE[SHAPE.index("--max-seq-len") + 1] == str(config["max_seq_len"])
 
 
-def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
+def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path, monkeypatch):
     """sweep.py end to end on a small scale: three rows (two sharing one reference cache,
     one reference-free), one evaluate.py call, the table; a second call reuses the runs
     and their evaluation; --retrain trains a row again, and so does a new SFT model."""
@@ -454,7 +454,12 @@ def test_sweep_trains_evaluates_and_tabulates(files, sft_ckpt, tmp_path):
     assert "evaluated already" in again
     assert [line for line in again.splitlines() if line.startswith("| ")] == rows
     one_row = [*args[:2], *args[4:]]  # one of the rows is enough to see it trained again
-    assert "[sigmoid]" in run_sweep(*one_row, "--retrain")
+    started = []  # --retrain starts the finished run again (its process only noted here)
+    with monkeypatch.context() as m:
+        m.setattr(sweep, "run_logged", lambda cmd, log_path: started.append(cmd))
+        assert "[sigmoid]" in run_sweep(*one_row, "--retrain")
+    assert [cmd[cmd.index("--out-dir") + 1] for cmd in started if "--sft-ckpt" in cmd] == [
+        str(tmp_path / "sigmoid")]
     train_sft.main(sft_args(files, sft.parent / "retrained", "--steps", "2", "--batch-size",
                             "4", "--seed", "9"))
     sft.write_bytes((sft.parent / "retrained/sft.pt").read_bytes())  # a new SFT model
