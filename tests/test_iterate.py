@@ -101,20 +101,22 @@ def test_rounds_end_to_end_resume_and_same_seed(sft_ckpt, tmp_path, stand_in_jud
     for r in (1, 2):
         assert ((tmp_path / "b" / f"round{r}" / "pairs.jsonl").read_bytes()
                 == (out / f"round{r}" / "pairs.jsonl").read_bytes())
-    iterate.main(iterate_args(sft_ckpt, tmp_path / "c", "--rounds", "1", "--seed", "1"))
-    assert ((tmp_path / "c" / "round1" / "pairs.jsonl").read_bytes()
-            != (out / "round1" / "pairs.jsonl").read_bytes())
-    # --reference previous (the default): round 1's reference is its own starting policy
-    record = json.loads((tmp_path / "c" / "round1" / "round.json").read_text())
-    assert record["reference"] == record["policy_in"] == str(sft_ckpt)
-    # --start: round 1 from another policy (e.g. offline DPO's), judged as the "start" row
+    # another seed, from another policy with --start (e.g. offline DPO's), in one run: the
+    # other seed's prompts, judged as the "start" row; --reference previous (the default):
+    # round 1's reference is its own starting policy
     start = str(out / "round2" / "dpo.pt")
-    iterate.main(iterate_args(sft_ckpt, tmp_path / "d", "--rounds", "1", "--start", start))
-    record = json.loads((tmp_path / "d" / "round1" / "round.json").read_text())
+    iterate.main(iterate_args(sft_ckpt, tmp_path / "c", "--rounds", "1", "--seed", "1",
+                              "--start", start))
+    asked = [row["messages"] for row in iterate.round_prompts(6, 1, 1)]
+    assert asked != [row["messages"] for row in iterate.round_prompts(6, 0, 1)]
+    pairs = [json.loads(line) for line in
+             (tmp_path / "c" / "round1" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(pair["prompt"] in asked for pair in pairs)
+    record = json.loads((tmp_path / "c" / "round1" / "round.json").read_text())
     assert record["policy_in"] == record["reference"] == start
-    assert list(json.loads((tmp_path / "d" / "results.json").read_text())["results"]) == [
-        str(sft_ckpt), start, str(tmp_path / "d" / "round1" / "dpo.pt")]
-    assert "| start |" in (tmp_path / "d" / "table.md").read_text()
+    assert list(json.loads((tmp_path / "c" / "results.json").read_text())["results"]) == [
+        str(sft_ckpt), start, str(tmp_path / "c" / "round1" / "dpo.pt")]
+    assert "| start |" in (tmp_path / "c" / "table.md").read_text()
 
 
 def test_a_round_is_refused_under_other_settings_and_judged_again_under_others(
