@@ -5,8 +5,8 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, SHAPE, run_concurrently
-from tools import bench
+from conftest import ROOT, SHAPE, in_process, run_concurrently
+from tools import bench, profile
 
 TINY = ["--max-len", "128", "--max-prompt-len", "48", *SHAPE]
 
@@ -169,11 +169,11 @@ def test_profile_accounts_for_the_step_through_the_script(tmp_path):
 
 def test_profile_script_sft_times_train_sft_py(tmp_path):
     """`--script sft`: train_sft.py itself under the profiler (TinyChat's SFT data), its
-    rows per conversation; no collective in one process."""
-    cmd = [sys.executable, "-m", "tools.profile", "--sets", "tinychat", "--script", "sft",
-           "--rows", "default", "--warmup", "1", "--steps", "2", "--batch-size", "4",
-           "--work-dir", str(tmp_path), "--json", str(tmp_path / "p.json"), "--extra", *SHAPE]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    rows per conversation; no collective in one process. The tool's main in this process
+    (conftest.in_process; the test above runs it as a process), its runs processes."""
+    out = in_process(profile.main, "--sets", "tinychat", "--script", "sft", "--rows",
+                     "default", "--warmup", "1", "--steps", "2", "--batch-size", "4",
+                     "--work-dir", tmp_path, "--json", tmp_path / "p.json", "--extra", *SHAPE)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "bound conversations/s" in out.stdout and "sft, 1 process(es)" in out.stdout
     row = json.loads((tmp_path / "p.json").read_text())["rows"][0]
