@@ -32,19 +32,26 @@ def test_bench_times_real_runs_of_its_rows(tmp_path):
         assert "done: 2 steps" in log  # the longer run (the naive trainer: train_dpo.py's flags)
 
 
-def test_bench_rows_on_both_sets_round_after_round(tmp_path, monkeypatch, capsys):
-    """The table and the readings from the runs' wall times (run_once replaced: a start-up
-    of 2 s, then 0.2 s a step for the naive trainer and 0.1 s for --packed bf16): each
-    row's command on each set, rounds interleaved, the ratios to the naive row (peak MiB
-    100 + steps for the naive trainer, 50 + steps for --packed bf16)."""
+def note_runs(monkeypatch, step_s=lambda cmd: 1.0, peak_mib=lambda cmd: 100.0):
+    """bench.run_once replaced: each run's command noted (the list returned), its wall time
+    a start-up of 2 s and step_s(cmd) a step, its peak peak_mib(cmd) + steps."""
     runs = []
 
-    def fake_run(cmd, cwd, log_path):
+    def run_once(cmd, cwd, log_path):
         runs.append(cmd)
         steps = int(cmd[cmd.index("--steps") + 1])
-        naive = "naive" in cmd
-        return 2.0 + steps * (0.2 if naive else 0.1), (100.0 if naive else 50.0) + steps
-    monkeypatch.setattr(bench, "run_once", fake_run)
+        return 2.0 + steps * step_s(cmd), peak_mib(cmd) + steps
+    monkeypatch.setattr(bench, "run_once", run_once)
+    return runs
+
+
+def test_bench_rows_on_both_sets_round_after_round(tmp_path, monkeypatch, capsys):
+    """The table and the readings from the runs' wall times (note_runs: 0.2 s a step for
+    the naive trainer and 0.1 s for --packed bf16): each row's command on each set, rounds
+    interleaved, the ratios to the naive row (peak MiB 100 + steps for the naive trainer,
+    50 + steps for --packed bf16)."""
+    runs = note_runs(monkeypatch, step_s=lambda cmd: 0.2 if "naive" in cmd else 0.1,
+                     peak_mib=lambda cmd: 100.0 if "naive" in cmd else 50.0)
     bench.main(["--sets", "tinychat", "synthetic", "--rows", "naive", "packed-bf16",
                 "--k1", "1", "--k2", "3", "--batch-size", "4", "--pairs", "24",
                 "--repeat", "2", "--work-dir", str(tmp_path), "--json", str(tmp_path / "r.json")])
@@ -124,19 +131,14 @@ def test_minimind_row_runs_minimind_trainer_on_the_synthetic_pairs(tmp_path):
 def test_a_compiled_row_warms_the_cache_before_its_timed_runs(tmp_path, monkeypatch):
     """--extra --compile: an untimed k1-step run first, then the two timed ones (a cold
     compile in the first timed run alone made the difference negative: -16 pairs/s)."""
-    runs = []
-
-    def fake_run(cmd, cwd, log_path):  # a wall time that grows with the steps
-        runs.append(cmd[cmd.index("--steps") + 1])
-        return 1.0 + int(runs[-1]), 100.0
-    monkeypatch.setattr(bench, "run_once", fake_run)
+    runs = note_runs(monkeypatch)  # a wall time that grows with the steps
     common = ["--sets", "tinychat", "--rows", "default", "--k1", "1", "--k2", "3",
               "--batch-size", "4", "--work-dir", str(tmp_path)]
     bench.main([*common, "--extra", "--compile"])
-    assert runs == ["1", "1", "3"]
+    assert [cmd[cmd.index("--steps") + 1] for cmd in runs] == ["1", "1", "3"]
     runs.clear()
     bench.main(common)
-    assert runs == ["1", "3"]
+    assert [cmd[cmd.index("--steps") + 1] for cmd in runs] == ["1", "3"]
 
 
 def test_minimind_row_needs_a_checkout():

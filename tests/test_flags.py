@@ -4,7 +4,6 @@ a number can show it (the loss of each --loss at step 0, the schedule's last lr,
 import json
 import math
 import os
-import subprocess
 
 import pytest
 import torch
@@ -25,13 +24,6 @@ from tools import sweep
 def records(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
-
-
-def run_script(script, *args, timeout=180):
-    result = subprocess.run([*command(script), *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 def run_sweep(*args):

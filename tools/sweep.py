@@ -107,14 +107,14 @@ def run_settings(flags, sft_ckpt):
     return {k: v for k, v in sorted(vars(args).items()) if k not in ("out_dir", "quiet")}
 
 
-def train(name, flags, args):
-    """One train_dpo.py run in OUT/NAME; returns its run.json record."""
+def train(name, flags, args, sft_sha256):
+    """One train_dpo.py run in OUT/NAME from the SFT model whose bytes hash to sft_sha256;
+    returns its run.json record."""
     out = os.path.join(args.out_dir, name)
     record_path = os.path.join(out, "run.json")
     flags = list(flags) + shlex.split(args.train_flags)
     if name not in NO_CACHE:
         flags.append("--precompute-ref")
-    sft_sha256 = file_digest(args.sft_ckpt)
     settings = run_settings(flags, args.sft_ckpt)
     if os.path.exists(record_path) and not args.retrain:
         with open(record_path, encoding="utf-8") as f:
@@ -200,13 +200,14 @@ def main(argv=None):
     args.out_dir, args.sft_ckpt = os.path.abspath(args.out_dir), os.path.abspath(args.sft_ckpt)
     if not os.path.exists(args.sft_ckpt):
         raise UserError(f"no SFT checkpoint at {args.sft_ckpt}: run python train_sft.py")
+    sft_sha256 = file_digest(args.sft_ckpt)  # once: every run starts from it
 
     print("beta: each run's --beta where it has one, else train_dpo.py's default for the "
           "data (2.0 on TinyChat, 0.1 on other data); each OUT/RUN/train.log opens with it")
     t0 = time.time()
     runs = []
     for name in args.runs:
-        record = train(name, known[name], args)
+        record = train(name, known[name], args, sft_sha256)
         record["out"] = os.path.join(args.out_dir, name)
         runs.append(record)
     results_path = os.path.join(args.out_dir, f"results_{args.split}.json")
@@ -218,7 +219,8 @@ def main(argv=None):
     for path in ckpts:  # the SFT model first: the one every run is compared with
         cmd += ["--ckpt", path]
     # the same models, byte for byte, judged the same way: evaluate.py's results stand
-    settings = {"evaluate": cmd[2:], "sha256": [file_digest(path) for path in ckpts]}
+    settings = {"evaluate": cmd[2:],
+                "sha256": [sft_sha256] + [file_digest(path) for path in ckpts[1:]]}
     if (not os.path.exists(results_path)
             or done_before(results_path + ".done", settings) is None):
         print(f"evaluating {len(runs)} runs and the SFT model", flush=True)
